@@ -1,0 +1,107 @@
+"""Atomic writes and content manifests for stage outputs.
+
+A stage builds its output directory under a temporary name and renames it into place only when it is
+complete, then writes ``manifest.json`` (sha256 of every file) last. A cache (Prefect's or ours) trusts an
+output only when its manifest exists, names the expected cache key and every file still hashes the same:
+a half-written, deleted or edited artifact is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(out_dir: Path) -> dict[str, str]:
+    return {
+        p.relative_to(out_dir).as_posix(): file_digest(p)
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(out_dir: Path, cache_key: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    manifest = {"cache_key": cache_key, "files": _listing(out_dir), **(extra or {})}
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def check_output(out_dir: Path, cache_key: str | None = None) -> str | None:
+    """Why ``out_dir`` cannot be trusted, or None when it is complete and unchanged."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        return f"{out_dir}/{MANIFEST} is missing or unreadable"
+    if cache_key is not None and manifest.get("cache_key") != cache_key:
+        return f"{out_dir} was produced with other inputs, params or code"
+    if _listing(out_dir) != manifest.get("files"):
+        return f"files in {out_dir} were deleted, added or altered since they were written"
+    return None
+
+
+def manifest_digest(out_dir: Path) -> str:
+    """One hash for a whole output directory: the hash of its manifest (which hashes every file)."""
+    return file_digest(Path(out_dir) / MANIFEST)
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``out_dir`` only if the block succeeds."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,144 @@
+"""``dynaflow`` command line: run the pipeline, run one stage (what DVC calls), show what is up to date."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from dynaflow.config import ConfigError, load_params
+
+EPILOG = """examples:
+  dynaflow run                              # the whole pipeline through Prefect, cached per stage
+  dynaflow run --set teacher.epochs=3       # override any params.yaml key for this run
+  dynaflow stage teacher                    # one stage, no Prefect (this is what `dvc repro` calls)
+  dynaflow status                           # which stage outputs are up to date
+"""
+
+
+def _project_env(root: Path) -> None:
+    """Project-local state for Prefect and MLflow unless the user points them elsewhere."""
+    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect-home"))
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".prefect-home" / "results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server needs ~10-20 s to start on a 2-core machine; the default 20 s is too tight.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    root = Path(args.params).resolve().parent
+    load_params(args.params, args.set)  # fail on bad params before paying for Prefect's start-up
+    _project_env(root)
+    from flows.pipeline import pipeline
+
+    started = time.perf_counter()
+    results = pipeline(params_path=args.params, overrides=args.set, until=args.until, track=not args.no_track)
+    print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
+    for name, result in results.items():
+        print(f"  {name:<10} output {result['out']}\n  {'':<10} metrics {result['metrics_file']}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from dynaflow.tracking import NullTracker, start_run
+    from stages import STAGES, Layout, run_stage
+
+    if args.name not in STAGES:
+        print(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+        return 2
+    params = load_params(args.params, args.set)
+    root = Path(args.params).resolve().parent
+    _project_env(root)
+    tracker = (
+        NullTracker() if args.no_track else start_run(root, args.name, {"driver": "cli", "stage": args.name})
+    )
+    try:
+        result = run_stage(args.name, params, Layout(root), tracker)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dynaflow.artifacts import check_output
+    from stages import STAGES, Layout, stage_key
+
+    params = load_params(args.params, args.set)
+    layout = Layout(Path(args.params).resolve().parent)
+    stale = False
+    for name in STAGES:
+        problem = None
+        for up in STAGES[name].upstream:
+            if check_output(layout.out(up)) is not None:
+                problem = f"waiting for {up}"
+        if problem is None:
+            problem = check_output(layout.out(name), stage_key(name, params, layout))
+        stale |= problem is not None
+        print(f"{name:<10} {'up to date' if problem is None else 'needs to run: ' + problem}")
+    return 1 if stale else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynaflow",
+        description="DynaBERT as a cached, tracked pipeline (Prefect, DVC, MLflow).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a params key for this run, e.g. teacher.epochs=2 (repeatable)",
+        )
+
+    p = sub.add_parser("run", help="run the pipeline as a Prefect flow, reusing up-to-date stages")
+    common(p)
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stage", help="run one stage now, without Prefect (what dvc.yaml calls)")
+    common(p)
+    p.add_argument("name", help="stage name: data, teacher, ...")
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("status", help="show which stage outputs are up to date (exit 1 if any is not)")
+    common(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed stages are kept; re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

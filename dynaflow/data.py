@@ -1,0 +1,116 @@
+"""Tokenised GLUE splits on disk (Parquet) and the batches every training and evaluation loop reads.
+
+The data stage writes one Parquet file per split plus ``task.json``; everything downstream reads them
+through :func:`load_split` and :func:`iter_batches`, which pads each batch only to its longest example
+(dynamic padding) and derives the batch order from ``(seed, epoch)`` alone, so a resumed run can skip
+exactly the batches it already trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+TASK_FILE = "task.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class TokenizedSplit:
+    input_ids: list[np.ndarray]
+    token_type_ids: list[np.ndarray]
+    labels: np.ndarray  # int64 class ids, or float32 scores for regression
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: np.ndarray | list[int]) -> TokenizedSplit:
+        return TokenizedSplit(
+            [self.input_ids[i] for i in indices],
+            [self.token_type_ids[i] for i in indices],
+            self.labels[indices],
+        )
+
+
+def write_split(path: Path, input_ids: list[list[int]], token_type_ids: list[list[int]], labels: Any) -> None:
+    table = pa.table(
+        {
+            "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
+            "token_type_ids": pa.array(token_type_ids, type=pa.list_(pa.int8())),
+            "label": pa.array(labels),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def load_split(data_dir: Path, split: str) -> TokenizedSplit:
+    path = Path(data_dir) / f"{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenised '{split}' split (run the data stage first)")
+    table = pq.read_table(path)
+    ids = [np.asarray(x, dtype=np.int64) for x in table.column("input_ids").to_numpy(zero_copy_only=False)]
+    tts = [
+        np.asarray(x, dtype=np.int64) for x in table.column("token_type_ids").to_numpy(zero_copy_only=False)
+    ]
+    return TokenizedSplit(ids, tts, table.column("label").to_numpy())
+
+
+def read_task_meta(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / TASK_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing task metadata (run the data stage first)")
+    return json.loads(path.read_text())
+
+
+def collate(
+    split: TokenizedSplit, indices: list[int] | np.ndarray, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Pad a batch to its own longest example."""
+    longest = max(len(split.input_ids[i]) for i in indices)
+    input_ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
+    token_type_ids = torch.zeros((len(indices), longest), dtype=torch.long)
+    attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(split.input_ids[i])
+        input_ids[row, :n] = torch.from_numpy(split.input_ids[i])
+        token_type_ids[row, :n] = torch.from_numpy(split.token_type_ids[i])
+        attention_mask[row, :n] = 1
+    labels = torch.as_tensor(split.labels[np.asarray(indices)])
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": token_type_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+    }
+
+
+def batch_order(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[np.ndarray]:
+    """Index batches for one epoch; a pure function of its arguments (what resume relies on)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def iter_batches(
+    split: TokenizedSplit,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    start: int = 0,
+    pad_id: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    for indices in batch_order(len(split), batch_size, shuffle, seed, epoch)[start:]:
+        yield collate(split, indices, pad_id)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)

@@ -1,0 +1,55 @@
+"""Dev-set evaluation of any callable that maps a batch to logits (a full model or a sub-network)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dynaflow.data import TokenizedSplit, iter_batches, load_split
+from dynaflow.metrics import compute_metrics, main_score
+
+LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@torch.no_grad()
+def predict(logits_fn: LogitsFn, split: TokenizedSplit, batch_size: int = 128) -> np.ndarray:
+    out = [logits_fn(batch).float().cpu().numpy() for batch in iter_batches(split, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
+
+
+def evaluate(
+    logits_fn: LogitsFn, task: str, dev: dict[str, TokenizedSplit], batch_size: int = 128
+) -> dict[str, float]:
+    """Task metrics on every dev split; the first split's keys are bare, others are prefixed by split name.
+
+    ``score`` is the task's main metric on the first dev split (what checkpoint selection sums).
+    """
+    metrics: dict[str, float] = {}
+    for i, (name, split) in enumerate(dev.items()):
+        logits = predict(logits_fn, split, batch_size)
+        predictions = logits[:, 0] if logits.shape[1] == 1 else logits
+        result = compute_metrics(task, predictions, split.labels)
+        if i == 0:
+            metrics.update(result)
+            metrics["score"] = main_score(task, result)
+        else:
+            metrics.update({f"{name}.{k}": v for k, v in result.items()})
+    return metrics
+
+
+def load_dev(data_dir: Path, dev_splits: list[str]) -> dict[str, TokenizedSplit]:
+    return {name: load_split(data_dir, name) for name in dev_splits}
+
+
+def hf_logits(model: torch.nn.Module) -> LogitsFn:
+    """Wrap a Hugging Face sequence classifier as a batch -> logits function (eval mode)."""
+
+    def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        model.eval()
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits
+
+    return fn

@@ -1,0 +1,179 @@
+"""One training loop for every stage: AdamW, linear warm-up and decay, clipping, progress, resume.
+
+The loop owns the optimizer, schedule, checkpoints and progress bar; what a step *computes* is the
+caller's ``step_fn`` (a teacher's cross-entropy, or DynaBERT's sum over widths and depths), which runs the
+forward and backward passes and returns the numbers to log. Checkpoints hold model, optimizer, schedule,
+RNG state and position; the batch order is a pure function of ``(seed, epoch)``, so a run that resumes from
+a checkpoint ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dynaflow.data import TokenizedSplit, batch_order, collate
+from dynaflow.tracking import NullTracker
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[dict[str, torch.Tensor]], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    checkpoint_steps: int = 0  # 0: checkpoint only at the end of each epoch
+    log_every: int = 10
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    resumed_from: int | None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    examples_per_second: float = 0.0
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # As in BERT: no weight decay on biases and LayerNorm weights.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
+
+
+def linear_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated file from a killed process: start over rather than crash
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        log.warning("ignoring checkpoint %s: it belongs to other params, inputs or code", path)
+        return None
+    return state
+
+
+def fit(
+    model: torch.nn.Module,
+    train: TokenizedSplit,
+    step_fn: StepFn,
+    cfg: TrainConfig,
+    *,
+    checkpoint: Path,
+    fingerprint: str,
+    tracker: NullTracker | None = None,
+    on_epoch_end: Callable[[int], dict[str, float]] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    desc: str = "train",
+    pad_id: int = 0,
+) -> TrainResult:
+    """Train ``model`` for ``cfg.epochs`` epochs over ``train``; resume from ``checkpoint`` if it matches."""
+    tracker = tracker or NullTracker()
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
+    torch.manual_seed(cfg.seed)
+
+    epoch, done_in_epoch, history, resumed_from = 0, 0, [], None
+    state = _load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        epoch, done_in_epoch, history = state["epoch"], state["done_in_epoch"], state["history"]
+        resumed_from = epoch * steps_per_epoch + done_in_epoch
+        log.info("resuming %s from step %d of %d (%s)", desc, resumed_from, total, checkpoint)
+
+    def save(ep: int, done: int) -> None:
+        _save_checkpoint(
+            checkpoint,
+            {
+                "fingerprint": fingerprint,
+                "epoch": ep,
+                "done_in_epoch": done,
+                "history": history,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+        )
+
+    started, seen = time.perf_counter(), 0
+    bar = tqdm(total=total, initial=resumed_from or 0, desc=desc, unit="step", dynamic_ncols=True)
+    model.train()
+    while epoch < cfg.epochs:
+        batches = batch_order(len(train), cfg.batch_size, True, cfg.seed, epoch)
+        for b in range(done_in_epoch, len(batches)):
+            batch = collate(train, batches[b], pad_id)
+            losses = step_fn(batch)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step = epoch * steps_per_epoch + b + 1
+            seen += len(batches[b])
+            rate = seen / (time.perf_counter() - started)
+            loss = losses.get("loss", next(iter(losses.values())))
+            history.append((step, float(loss)))
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", ex_s=f"{rate:.1f}", refresh=False)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                tracker.log_metrics(
+                    {**losses, "lr": scheduler.get_last_lr()[0], "examples_per_s": rate}, step=step
+                )
+            if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and b + 1 < len(batches):
+                save(epoch, b + 1)
+            if on_step is not None:
+                on_step(step)
+        epoch, done_in_epoch = epoch + 1, 0
+        if on_epoch_end is not None:
+            metrics = on_epoch_end(epoch)
+            tracker.log_metrics(metrics, step=epoch * steps_per_epoch)
+            model.train()
+        save(epoch, 0)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    return TrainResult(total, resumed_from, history, elapsed, seen / elapsed if elapsed else 0.0)

@@ -1,0 +1,182 @@
+"""The pipeline's stages and the one runner that both drivers (Prefect flow, ``dvc repro``) call.
+
+Each stage declares what determines its output: the ``params.yaml`` entries it reads, the stages upstream
+of it, the files outside the pipeline it reads (GLUE files, a local backbone) and the modules whose code
+produces it. :func:`stage_key` hashes exactly these, content not names, so a cache keyed on it re-runs a
+stage when, and only when, one of them changed. ``dvc.yaml`` declares the same things for DVC; a test
+keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynaflow import backbone as backbone_mod
+from dynaflow.artifacts import (
+    atomic_write_json,
+    check_output,
+    file_digest,
+    manifest_digest,
+    staged_output,
+    write_manifest,
+)
+from dynaflow.config import Params
+from dynaflow.tracking import NullTracker
+
+CODE_VERSION = "1"  # bump to invalidate every cached stage after a change the source hashes cannot see
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage's output, metrics and resumable work live, relative to the project root."""
+
+    root: Path
+
+    def out(self, stage: str) -> Path:
+        return self.root / STAGES[stage].out
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def work(self, stage: str) -> Path:
+        return self.root / ".dynaflow" / "work" / stage
+
+
+Execute = Callable[[Params, Layout, Path, str, NullTracker], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    out: str  # output directory, relative to the project root
+    sections: tuple[str, ...]  # params.yaml entries the stage reads
+    upstream: tuple[str, ...]
+    modules: tuple[str, ...]  # modules whose source versions the output
+    execute: Execute
+    external: Callable[[Params], list[Path]] = lambda params: []
+
+    def source_files(self) -> list[Path]:
+        return [Path(importlib.import_module(m).__file__) for m in self.modules]  # type: ignore[arg-type]
+
+
+def _run_data(params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker) -> dict[str, Any]:
+    from stages import data
+
+    return data.run(params.data, params.backbone, params.seed, out, tracker)
+
+
+def _run_teacher(params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker) -> dict[str, Any]:
+    from stages import teacher
+
+    return teacher.run(
+        params.teacher,
+        params.backbone,
+        params.seed,
+        layout.out("data"),
+        out,
+        layout.work("teacher"),
+        key,
+        tracker,
+    )
+
+
+def _data_inputs(params: Params) -> list[Path]:
+    from stages import data
+
+    return data.input_files(params.data) + backbone_mod.local_files(params.backbone)
+
+
+_COMMON = ("dynaflow.config", "dynaflow.artifacts", "dynaflow.data")
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage(
+            "data",
+            "data/prepared",
+            ("data", "backbone", "seed"),
+            (),
+            ("stages.data", "dynaflow.glue", "dynaflow.backbone", *_COMMON),
+            _run_data,
+            _data_inputs,
+        ),
+        Stage(
+            "teacher",
+            "artifacts/teacher",
+            ("teacher", "backbone", "seed"),
+            ("data",),
+            (
+                "stages.teacher",
+                "dynaflow.train",
+                "dynaflow.evaluate",
+                "dynaflow.metrics",
+                "dynaflow.backbone",
+                *_COMMON,
+            ),
+            _run_teacher,
+            lambda p: backbone_mod.local_files(p.backbone),
+        ),
+    ]
+}
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def stage_key(name: str, params: Params, layout: Layout) -> str:
+    """Hash of everything that determines the stage's output (upstream outputs must already exist)."""
+    stage = STAGES[name]
+    ingredients = {
+        "stage": name,
+        "code_version": CODE_VERSION,
+        "code": {m: file_digest(f) for m, f in zip(stage.modules, stage.source_files(), strict=True)},
+        "params": {s: _dump(params.section(s)) for s in stage.sections},
+        "upstream": {u: manifest_digest(layout.out(u)) for u in stage.upstream},
+        "external": {str(p): file_digest(p) for p in stage.external(params)},
+    }
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+
+
+def check_upstream(name: str, layout: Layout) -> None:
+    for up in STAGES[name].upstream:
+        problem = check_output(layout.out(up))
+        if problem:
+            raise RuntimeError(f"stage {name!r} needs the output of {up!r}, which is not usable: {problem}")
+
+
+def run_stage(
+    name: str, params: Params, layout: Layout, tracker: NullTracker | None = None
+) -> dict[str, Any]:
+    """Run one stage into its output directory atomically; return its summary (paths, key, metrics)."""
+    tracker = tracker or NullTracker()
+    check_upstream(name, layout)
+    key = stage_key(name, params, layout)
+    out = layout.out(name)
+    tracker.log_params({s: _dump(params.section(s)) for s in STAGES[name].sections})
+    tracker.set_tags({"stage": name, "cache_key": key, "output": out})
+    with staged_output(out) as tmp:
+        metrics = STAGES[name].execute(params, layout, tmp, key, tracker)
+        write_manifest(tmp, key, {"stage": name, "metrics": metrics})
+    atomic_write_json(layout.metrics(name), metrics)
+    shutil.rmtree(layout.work(name), ignore_errors=True)
+    tracker.log_artifact(layout.metrics(name))
+    return summary(name, layout, key)
+
+
+def summary(name: str, layout: Layout, key: str) -> dict[str, Any]:
+    metrics_file = layout.metrics(name)
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return {
+        "stage": name,
+        "out": str(layout.out(name)),
+        "metrics_file": str(metrics_file),
+        "cache_key": key,
+        "metrics": metrics,
+    }

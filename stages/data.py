@@ -1,0 +1,107 @@
+"""Data stage: read a GLUE task, tokenise it with the backbone's tokenizer, write Parquet splits.
+
+Outputs (in ``out_dir``): ``train.parquet``, one Parquet file per dev split, ``task.json`` (task metadata
+that drives every later stage: labels, regression or not, metrics) and ``tokenizer/`` (the exact tokenizer
+used, so later stages and exported models never re-resolve it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynaflow.artifacts import atomic_write_json
+from dynaflow.backbone import load_tokenizer
+from dynaflow.config import DataConfig
+from dynaflow.data import TASK_FILE, TOKENIZER_DIR, write_split
+from dynaflow.glue import SplitData, find_glue_dir, get_task, load_split
+from dynaflow.tracking import NullTracker
+
+log = logging.getLogger(__name__)
+
+
+def input_files(cfg: DataConfig) -> list[Path]:
+    """The GLUE files this stage reads (hashed into its cache key); empty when reading from the hub."""
+    root = find_glue_dir(cfg.glue_dir)
+    if root is None:
+        return []
+    task = get_task(cfg.task)
+    return sorted(p for p in (root / task.dir_name).glob("*.tsv") if p.stem in ("train", *task.dev_splits))
+
+
+def _subsample(split: SplitData, limit: int | None, seed: int) -> SplitData:
+    if limit is None or limit >= len(split.text_a):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split.text_a))[:limit])
+    return SplitData(
+        [split.text_a[i] for i in keep],
+        None if split.text_b is None else [split.text_b[i] for i in keep],
+        [split.labels[i] for i in keep],
+        split.n_skipped,
+        split.skipped,
+        split.source,
+    )
+
+
+def _first(split: SplitData, limit: int | None) -> SplitData:
+    if limit is None:
+        return split
+    return SplitData(
+        split.text_a[:limit],
+        None if split.text_b is None else split.text_b[:limit],
+        split.labels[:limit],
+        split.n_skipped,
+        split.skipped,
+        split.source,
+    )
+
+
+def run(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: NullTracker) -> dict[str, Any]:
+    task = get_task(cfg.task)
+    tokenizer = load_tokenizer(backbone)
+    counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for name in ("train", *task.dev_splits):
+        split = load_split(task, name, cfg.glue_dir, skip_malformed=cfg.skip_malformed)
+        split = (
+            _subsample(split, cfg.max_train_examples, seed)
+            if name == "train"
+            else _first(split, cfg.max_dev_examples)
+        )
+        if split.n_skipped:
+            log.warning(
+                "%s: skipped %d malformed row(s), e.g. %s", split.source, split.n_skipped, split.skipped[:3]
+            )
+        enc = tokenizer(
+            split.text_a,
+            split.text_b,
+            truncation=True,
+            max_length=cfg.max_seq_length,
+            return_token_type_ids=True,
+        )
+        labels = np.asarray(split.labels, dtype=np.float32 if task.is_regression else np.int64)
+        write_split(out_dir / f"{name}.parquet", enc["input_ids"], enc["token_type_ids"], labels)
+        counts[name], skipped[name] = len(labels), split.n_skipped
+    tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
+    meta = {
+        "task": task.name,
+        "num_labels": 1 if task.is_regression else len(task.labels),
+        "is_regression": task.is_regression,
+        "labels": list(task.labels),
+        "metric_names": list(task.metric_names),
+        "main_metric": task.main_metric,
+        "dev_splits": list(task.dev_splits),
+        "max_seq_length": cfg.max_seq_length,
+        "backbone": backbone,
+        "counts": counts,
+        "skipped": skipped,
+    }
+    atomic_write_json(out_dir / TASK_FILE, meta)
+    metrics = {f"examples.{k}": v for k, v in counts.items()} | {
+        f"skipped.{k}": v for k, v in skipped.items()
+    }
+    tracker.log_metrics(metrics)
+    return metrics

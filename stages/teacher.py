@@ -1,0 +1,93 @@
+"""Teacher stage: fine-tune the backbone on the task; save it in the Hugging Face format with dev metrics.
+
+Checkpoints go to ``work_dir`` (outside the output, which DVC deletes before a run), so re-running after a
+crash resumes from the last one; the runner removes them once the output is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dynaflow.artifacts import atomic_write_json
+from dynaflow.backbone import load_classifier
+from dynaflow.config import TeacherConfig
+from dynaflow.data import TOKENIZER_DIR, load_split, read_task_meta
+from dynaflow.evaluate import evaluate, hf_logits, load_dev
+from dynaflow.tracking import NullTracker
+from dynaflow.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
+    if is_regression:
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def run(
+    cfg: TeacherConfig,
+    backbone: str,
+    seed: int,
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    fingerprint: str,
+    tracker: NullTracker,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    meta = read_task_meta(data_dir)
+    train = load_split(data_dir, "train")
+    dev = load_dev(data_dir, meta["dev_splits"])
+    torch.manual_seed(seed)  # the classifier head is initialised here
+    model = load_classifier(backbone, meta["num_labels"])
+    pad_id = model.config.pad_token_id or 0
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        labels = batch.pop("labels")
+        loss = task_loss(model(**batch).logits, labels, meta["is_regression"])
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def on_epoch_end(epoch: int) -> dict[str, float]:
+        metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
+        log.info("teacher epoch %d dev: %s", epoch, metrics)
+        return {f"dev.{k}": v for k, v in metrics.items()}
+
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        seed=seed,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        checkpoint_steps=cfg.checkpoint_steps,
+    )
+    result = fit(
+        model,
+        train,
+        step,
+        train_cfg,
+        checkpoint=work_dir / "checkpoint.pt",
+        fingerprint=fingerprint,
+        tracker=tracker,
+        on_epoch_end=on_epoch_end,
+        on_step=on_step,
+        desc="teacher",
+        pad_id=pad_id,
+    )
+    metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
+    metrics |= {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
+    model.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
+    tracker.log_metrics({f"final.dev.{k}": v for k, v in metrics.items()})
+    return metrics
