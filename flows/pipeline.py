@@ -30,14 +30,28 @@ def _cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
 def stage_task(name: str, key: str, params: dict[str, Any], root: str, parent: Any = None) -> dict[str, Any]:
+    layout = Layout(Path(root))
+    if usable(name, layout, key):  # made by `dvc repro` or `dynaflow stage`: same key, files intact
+        if parent:
+            _record_cached(parent, name, layout, key)
+        return summary(name, layout, key)
     tracker = parent.child(name, {"stage": name, "cached": "false"}) if parent else NullTracker()
     try:
-        result = run_stage(name, Params.model_validate(params), Layout(Path(root)), tracker)
+        result = run_stage(name, Params.model_validate(params), layout, tracker)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
     return result
+
+
+def _record_cached(parent: Tracker | NullTracker, name: str, layout: Layout, key: str) -> None:
+    """A child run that says the stage was served from cache and points at the output it reused."""
+    child = parent.child(
+        name, {"stage": name, "cached": "true", "cache_key": key, "output": layout.out(name)}
+    )
+    child.log_metrics(summary(name, layout, key)["metrics"])
+    child.end()
 
 
 def usable(name: str, layout: Layout, key: str) -> bool:
@@ -77,11 +91,7 @@ def pipeline(
             result = state.result()
             if state.name == "Cached":
                 logger.info("%s: cached (output %s)", name, result["out"])
-                child = parent.child(
-                    name, {"stage": name, "cached": "true", "cache_key": key, "output": result["out"]}
-                )
-                child.log_metrics(summary(name, layout, key)["metrics"])
-                child.end()
+                _record_cached(parent, name, layout, key)
             results[name] = result
     except BaseException:
         parent.end("FAILED")
