@@ -41,7 +41,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = pipeline(params_path=args.params, overrides=args.set, until=args.until, track=not args.no_track)
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
     for name, result in results.items():
-        print(f"  {name:<10} output {result['out']}\n  {'':<10} metrics {result['metrics_file']}")
+        print(f"  {name:<10} {result['status']:<7} output  {result['out']}")
+        print(f"  {'':<18} metrics {result['metrics_file']}")
     return 0
 
 

@@ -34,7 +34,7 @@ def stage_task(name: str, key: str, params: dict[str, Any], root: str, parent: A
     if usable(name, layout, key):  # made by `dvc repro` or `dynaflow stage`: same key, files intact
         if parent:
             _record_cached(parent, name, layout, key)
-        return summary(name, layout, key)
+        return summary(name, layout, key) | {"status": "cached"}
     tracker = parent.child(name, {"stage": name, "cached": "false"}) if parent else NullTracker()
     try:
         result = run_stage(name, Params.model_validate(params), layout, tracker)
@@ -42,7 +42,7 @@ def stage_task(name: str, key: str, params: dict[str, Any], root: str, parent: A
         tracker.end("FAILED")
         raise
     tracker.end()
-    return result
+    return result | {"status": "ran"}
 
 
 def _record_cached(parent: Tracker | NullTracker, name: str, layout: Layout, key: str) -> None:
@@ -92,6 +92,7 @@ def pipeline(
             if state.name == "Cached":
                 logger.info("%s: cached (output %s)", name, result["out"])
                 _record_cached(parent, name, layout, key)
+                result = result | {"status": "cached"}
             results[name] = result
     except BaseException:
         parent.end("FAILED")

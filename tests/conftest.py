@@ -1,0 +1,100 @@
+"""Shared fixtures: a tiny random BERT backbone, a tiny GLUE directory, and a throw-away project."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Keep Prefect's database and cached results out of the user's ~/.prefect and away from earlier runs.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dynaflow-test-prefect-")
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(os.environ["PREFECT_HOME"], "results")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+WORDS = (
+    "the a an movie film is was good bad great awful fun boring love hate best worst story acting "
+    "not very and but it this that of to funny dull charming mess"
+).split()
+
+
+def make_tiny_backbone(path: Path, layers: int = 2, heads: int = 2, hidden: int = 32) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def write_sst2(root: Path, n_train: int = 48, n_dev: int = 16) -> Path:
+    """A small SST-2 directory in the GLUE layout, with a learnable signal (good/bad words)."""
+    task = root / "SST-2"
+    task.mkdir(parents=True, exist_ok=True)
+    pos, neg = ["good", "great", "fun", "charming", "best"], ["bad", "awful", "boring", "dull", "worst"]
+
+    def rows(n: int, offset: int) -> str:
+        lines = ["sentence\tlabel"]
+        for i in range(n):
+            label = (i + offset) % 2
+            word = (pos if label else neg)[i % 5]
+            lines.append(f"the movie was {word} and the story {word} \t{label}")
+        return "\n".join(lines) + "\n"
+
+    (task / "train.tsv").write_text(rows(n_train, 0))
+    (task / "dev.tsv").write_text(rows(n_dev, 1))
+    return root
+
+
+@pytest.fixture
+def tiny_glue(tmp_path: Path) -> Path:
+    return write_sst2(tmp_path / "glue")
+
+
+def tiny_params(backbone: Path, glue_dir: Path, **teacher: object) -> dict:
+    return {
+        "seed": 1,
+        "backbone": str(backbone),
+        "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_seq_length": 16},
+        "teacher": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "learning_rate": 1e-3, **teacher},
+    }
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_backbone: Path, tiny_glue: Path) -> Path:
+    """A project root with a tiny params.yaml (tiny BERT, tiny SST-2)."""
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_backbone, tiny_glue)))
+    return root
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    path = os.environ.get("GLUE_DIR")
+    if not path or not (Path(path) / "SST-2" / "train.tsv").is_file():
+        pytest.skip("GLUE_DIR with SST-2 is not set")
+    return Path(path)

@@ -1,0 +1,112 @@
+"""Data and teacher stages on tiny inputs: outputs, resume after a crash, and real learning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynaflow.config import Params
+from dynaflow.data import load_split, read_task_meta
+from dynaflow.tracking import NullTracker
+from stages import data, teacher
+from tests.conftest import tiny_params
+
+
+def prepare(tmp_path: Path, params: Params) -> Path:
+    out = tmp_path / "data"
+    out.mkdir(parents=True)
+    data.run(params.data, params.backbone, params.seed, out, NullTracker())
+    return out
+
+
+def test_data_stage_writes_splits_and_metadata(tmp_path: Path, tiny_backbone: Path, tiny_glue: Path) -> None:
+    params = Params.model_validate(
+        tiny_params(tiny_backbone, tiny_glue)
+        | {
+            "data": {
+                "task": "sst2",
+                "glue_dir": str(tiny_glue),
+                "max_seq_length": 6,
+                "max_train_examples": 20,
+            }
+        }
+    )
+    out = prepare(tmp_path, params)
+    meta = read_task_meta(out)
+    assert (
+        meta["num_labels"] == 2 and not meta["is_regression"] and meta["counts"] == {"train": 20, "dev": 16}
+    )
+    train = load_split(out, "train")
+    assert len(train) == 20 and max(len(x) for x in train.input_ids) == 6  # truncated to max_seq_length
+    assert set(np.unique(train.labels)) <= {0, 1}
+    again = prepare(tmp_path / "again", params)  # seeded subset: same examples every time
+    assert np.array_equal(load_split(again, "train").labels, train.labels)
+
+
+def run_teacher(tmp_path: Path, params: Params, data_dir: Path, on_step=None) -> Path:
+    out, work = tmp_path / "teacher", tmp_path / "work"
+    out.mkdir(parents=True, exist_ok=True)
+    teacher.run(
+        params.teacher, params.backbone, params.seed, data_dir, out, work, "fp", NullTracker(), on_step
+    )
+    return out
+
+
+def test_resume_after_crash_matches_uninterrupted(
+    tmp_path: Path, tiny_backbone: Path, tiny_glue: Path
+) -> None:
+    params = Params.model_validate(tiny_params(tiny_backbone, tiny_glue, epochs=2, checkpoint_steps=4))
+    data_dir = prepare(tmp_path, params)
+    reference = load_file(run_teacher(tmp_path / "a", params, data_dir) / "model.safetensors")
+
+    def crash(step: int) -> None:
+        if step == 9:  # mid second epoch, one step after the step-8 checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_teacher(tmp_path / "b", params, data_dir, crash)
+    assert (tmp_path / "b" / "work" / "checkpoint.pt").is_file()
+    resumed = load_file(run_teacher(tmp_path / "b", params, data_dir) / "model.safetensors")
+    assert reference.keys() == resumed.keys()
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_checkpoint_of_other_params_is_ignored(tmp_path: Path, tiny_backbone: Path, tiny_glue: Path) -> None:
+    params = Params.model_validate(tiny_params(tiny_backbone, tiny_glue, epochs=1))
+    data_dir = prepare(tmp_path, params)
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"fingerprint": "something-else"}, work / "checkpoint.pt")
+    out = run_teacher(tmp_path, params, data_dir)  # would crash if it tried to load that checkpoint
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_teacher_beats_majority_on_real_sst2(tmp_path: Path, glue_dir: Path) -> None:
+    params = Params.model_validate(
+        {
+            "seed": 0,
+            "backbone": "default",
+            "data": {
+                "task": "sst2",
+                "glue_dir": str(glue_dir),
+                "max_seq_length": 48,
+                "max_train_examples": 384,
+                "max_dev_examples": 200,
+            },
+            "teacher": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-4, "warmup_ratio": 0.1},
+        }
+    )
+    data_dir = prepare(tmp_path, params)
+    out = run_teacher(tmp_path, params, data_dir)
+    import json
+
+    accuracy = json.loads((out / "metrics.json").read_text())["acc"]
+    dev_labels = load_split(data_dir, "dev").labels
+    majority = max(np.mean(dev_labels), 1 - np.mean(dev_labels))
+    assert accuracy > majority + 0.1, (accuracy, majority)
