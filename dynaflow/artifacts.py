@@ -83,8 +83,15 @@ def check_output(out_dir: Path, cache_key: str | None = None) -> str | None:
 
 
 def manifest_digest(out_dir: Path) -> str:
-    """One hash for a whole output directory: the hash of its manifest (which hashes every file)."""
-    return file_digest(Path(out_dir) / MANIFEST)
+    """One hash of a whole output directory's content, from its manifest's file hashes.
+
+    Only the files count, not the key or run metadata in the manifest: an upstream stage re-run with the
+    same result leaves its dependents' keys unchanged.
+    """
+    manifest = read_manifest(Path(out_dir))
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir}/{MANIFEST}: missing (the stage that writes it has not run)")
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 @contextlib.contextmanager

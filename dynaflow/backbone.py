@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dynaflow.config import DEFAULT_BACKBONE
+from dynaflow.config import DEFAULT_BACKBONE, ConfigError, Params
 
 
 def resolve(backbone: str) -> str:
@@ -59,5 +59,44 @@ def load_classifier(backbone: str, num_labels: int) -> Any:
         )
     except OSError as exc:
         raise _offline_hint(backbone, exc) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def check_grid(params: Params) -> None:
+    """Fail before any work if a width or depth multiplier leaves the backbone with no head or layer."""
+    from transformers import AutoConfig
+
+    from dynaflow.modeling import kept_layers, width_heads
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(params.backbone))
+    except OSError as exc:
+        raise ConfigError(f"backbone = {params.backbone!r}: {_offline_hint(params.backbone, exc)}") from exc
+    problems = []
+    for w in params.widths:
+        try:
+            width_heads(config.num_attention_heads, w)
+        except ValueError as exc:
+            problems.append(f"  widths: {w}: {exc}")
+    for d in params.depths:
+        try:
+            kept_layers(config.num_hidden_layers, d)
+        except ValueError as exc:
+            problems.append(f"  depths: {d}: {exc}")
+    if problems:
+        raise ConfigError("params do not fit the backbone:\n" + "\n".join(problems))
+
+
+def load_elastic(path: str | Path) -> Any:
+    """An ElasticBertForSequenceClassification from a saved (plain HF or elastic) BERT classifier."""
+    from transformers.utils import logging as hf_logging
+
+    from dynaflow.modeling import ElasticBertForSequenceClassification
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "model of type bert to instantiate elastic_bert" is intended here
+    try:
+        return ElasticBertForSequenceClassification.from_pretrained(path)
     finally:
         hf_logging.set_verbosity(verbosity)

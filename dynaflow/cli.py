@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from dynaflow.backbone import check_grid
 from dynaflow.config import ConfigError, load_params
 
 EPILOG = """examples:
@@ -33,7 +34,8 @@ def _project_env(root: Path) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.params).resolve().parent
-    load_params(args.params, args.set)  # fail on bad params before paying for Prefect's start-up
+    # Fail on bad params before paying for Prefect's start-up.
+    check_grid(load_params(args.params, args.set))
     _project_env(root)
     from flows.pipeline import pipeline
 
@@ -54,6 +56,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     params = load_params(args.params, args.set)
+    check_grid(params)
     root = Path(args.params).resolve().parent
     _project_env(root)
     tracker = (

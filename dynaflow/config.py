@@ -74,6 +74,55 @@ class RewireConfig(_Section):
     cumulative_grad: bool = Field(
         True, description="reproduce the official code, which never zeroes gradients between batches"
     )
+    evaluate_grid: bool = Field(
+        True, description="record the dev score of every sliced sub-network, rewired and not (the floor)"
+    )
+
+
+class DistillConfig(_Section):
+    epochs: int = Field(1, gt=0, description="official: 3")
+    learning_rate: float = Field(2e-5, gt=0, lt=1, description="official: 2e-5")
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="official: no warm-up, linear decay")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lambda_logit: float = Field(
+        1.0, ge=0, description="λ1: weight of the logit loss (SCE; MSE for regression)"
+    )
+    lambda_hidden: float = Field(0.1, ge=0, description="λ2: weight of the hidden-state MSE (official: 0.1)")
+    eval_every: int = Field(
+        0, ge=0, description="evaluate every grid point every N steps (0: each epoch end)"
+    )
+    selection: Literal["dev", "heldout", "last"] = Field(
+        "dev",
+        description="keep the checkpoint with the best summed score on dev (official), on a held-out "
+        "slice of train (honest), or the last one",
+    )
+    heldout_examples: int = Field(500, gt=0, description="size of the held-out slice (selection: heldout)")
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+
+
+class DepthDistillConfig(DistillConfig):
+    """The width-and-depth phase: the width phase's knobs plus its own."""
+
+    lambda_hidden: float = Field(1.0, ge=0, description="λ2: weight of the hidden-state MSE (official: 1.0)")
+    teacher_width: Literal["full", "student"] = Field(
+        "full", description="teacher at full width (official code) or at the student's width (paper, Alg. 3)"
+    )
+    final_finetune_epochs: int = Field(
+        0, ge=0, description="then fine-tune every sub-network on labels for N epochs (official: 3; off)"
+    )
+
+
+class AugmentConfig(_Section):
+    enabled: bool = Field(False, description="add augmented copies of the training set (distillation only)")
+    n_variants: int = Field(30, gt=0, description="N: augmented variants per training example (paper: 30)")
+    top_m: int = Field(15, gt=0, description="M: candidate substitutes per word (paper: 15)")
+    replace_prob: float = Field(0.4, ge=0, le=1, description="p: probability a word is replaced (paper: 0.4)")
+    max_examples: int | None = Field(
+        None, gt=0, description="cap on the augmented set's size (originals included); null = no cap"
+    )
 
 
 class Params(_Section):
@@ -86,6 +135,9 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
     rewire: RewireConfig = RewireConfig()
+    augment: AugmentConfig = AugmentConfig()
+    width_kd: DistillConfig = DistillConfig()
+    depth_kd: DepthDistillConfig = DepthDistillConfig()
 
     @field_validator("widths", "depths")
     @classmethod

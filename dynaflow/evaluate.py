@@ -53,3 +53,25 @@ def hf_logits(model: torch.nn.Module) -> LogitsFn:
         return model(**inputs).logits
 
     return fn
+
+
+def evaluate_grid(
+    model: torch.nn.Module,
+    task: str,
+    dev: dict[str, TokenizedSplit],
+    widths: list[float],
+    depths: list[float],
+    batch_size: int = 128,
+) -> dict[str, dict[str, float]]:
+    """Dev metrics of every (width, depth) sub-network of an elastic model, keyed ``w{width}_d{depth}``."""
+    model.eval()
+    results = {}
+    for depth in depths:
+        for width in widths:
+
+            def logits(batch: dict[str, torch.Tensor], w: float = width, d: float = depth) -> torch.Tensor:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                return model(**inputs, width_mult=w, depth_mult=d).logits
+
+            results[f"w{width}_d{depth}"] = evaluate(logits, task, dev, batch_size)
+    return results

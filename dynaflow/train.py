@@ -25,7 +25,9 @@ from dynaflow.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[dict[str, torch.Tensor]], dict[str, float]]
+# A step runs forward and backward pass(es) for one batch and returns the numbers to log; it may call
+# ``note`` with a short status (e.g. the sub-network being trained) for the progress bar.
+StepFn = Callable[[dict[str, torch.Tensor], Callable[[str], None]], dict[str, float]]
 
 
 @dataclass
@@ -102,7 +104,8 @@ def fit(
     fingerprint: str,
     tracker: NullTracker | None = None,
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], dict[str, float] | None] | None = None,
+    extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
     desc: str = "train",
     pad_id: int = 0,
 ) -> TrainResult:
@@ -122,6 +125,8 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         epoch, done_in_epoch, history = state["epoch"], state["done_in_epoch"], state["history"]
+        if extra_state is not None:
+            extra_state[1](state["extra"])
         resumed_from = epoch * steps_per_epoch + done_in_epoch
         log.info("resuming %s from step %d of %d (%s)", desc, resumed_from, total, checkpoint)
 
@@ -137,6 +142,7 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "extra": extra_state[0]() if extra_state is not None else None,
             },
         )
 
@@ -147,7 +153,7 @@ def fit(
         batches = batch_order(len(train), cfg.batch_size, True, cfg.seed, epoch)
         for b in range(done_in_epoch, len(batches)):
             batch = collate(train, batches[b], pad_id)
-            losses = step_fn(batch)
+            losses = step_fn(batch, lambda text: bar.set_description(f"{desc} {text}", refresh=False))
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -164,10 +170,11 @@ def fit(
                 tracker.log_metrics(
                     {**losses, "lr": scheduler.get_last_lr()[0], "examples_per_s": rate}, step=step
                 )
+            if on_step is not None and (metrics := on_step(step)):  # e.g. periodic evaluation
+                tracker.log_metrics(metrics, step=step)
+                model.train()
             if cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0 and b + 1 < len(batches):
-                save(epoch, b + 1)
-            if on_step is not None:
-                on_step(step)
+                save(epoch, b + 1)  # after on_step, so what it recorded is in the checkpoint too
         epoch, done_in_epoch = epoch + 1, 0
         if on_epoch_end is not None:
             metrics = on_epoch_end(epoch)

@@ -87,6 +87,47 @@ def _run_teacher(params: Params, layout: Layout, out: Path, key: str, tracker: N
     )
 
 
+def _run_rewire(params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker) -> dict[str, Any]:
+    from stages import rewire
+
+    return rewire.run(
+        params.rewire, params.widths, params.depths, layout.out("teacher"), layout.out("data"), out, tracker
+    )
+
+
+def _run_width_kd(
+    params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker
+) -> dict[str, Any]:
+    from stages import distill
+
+    return distill.run(
+        "width", params.width_kd, params.widths, params.depths, params.seed,
+        student_dir=layout.out("rewire"), teacher_dir=layout.out("teacher"), train_dir=layout.out("augment"),
+        data_dir=layout.out("data"), out_dir=out, work_dir=layout.work("width_kd"), fingerprint=key,
+        tracker=tracker,
+    )  # fmt: skip
+
+
+def _run_depth_kd(
+    params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker
+) -> dict[str, Any]:
+    from stages import distill
+
+    return distill.run(
+        "depth", params.depth_kd, params.widths, params.depths, params.seed,
+        student_dir=layout.out("width_kd"), teacher_dir=layout.out("width_kd"),
+        train_dir=layout.out("augment"),
+        data_dir=layout.out("data"), out_dir=out, work_dir=layout.work("depth_kd"), fingerprint=key,
+        tracker=tracker,
+    )  # fmt: skip
+
+
+def _run_augment(params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker) -> dict[str, Any]:
+    from stages import augment
+
+    return augment.run(params.augment, params.seed, layout.out("teacher"), layout.out("data"), out, tracker)
+
+
 def _data_inputs(params: Params) -> list[Path]:
     from stages import data
 
@@ -94,24 +135,26 @@ def _data_inputs(params: Params) -> list[Path]:
 
 
 _COMMON = ("dynaflow.config", "dynaflow.artifacts", "dynaflow.data")
+_DISTILL = ("stages.distill", "dynaflow.distill", "dynaflow.train", "dynaflow.modeling", "dynaflow.evaluate",
+            "dynaflow.metrics", "dynaflow.plots", *_COMMON)  # fmt: skip
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
         Stage(
-            "data",
-            "data/prepared",
-            ("data", "backbone", "seed"),
-            (),
-            ("stages.data", "dynaflow.glue", "dynaflow.backbone", *_COMMON),
-            _run_data,
-            _data_inputs,
+            name="data",
+            out="data/prepared",
+            sections=("data", "backbone", "seed"),
+            upstream=(),
+            modules=("stages.data", "dynaflow.glue", "dynaflow.backbone", *_COMMON),
+            execute=_run_data,
+            external=_data_inputs,
         ),
         Stage(
-            "teacher",
-            "artifacts/teacher",
-            ("teacher", "backbone", "seed"),
-            ("data",),
-            (
+            name="teacher",
+            out="artifacts/teacher",
+            sections=("teacher", "backbone", "seed"),
+            upstream=("data",),
+            modules=(
                 "stages.teacher",
                 "dynaflow.train",
                 "dynaflow.evaluate",
@@ -119,8 +162,47 @@ STAGES: dict[str, Stage] = {
                 "dynaflow.backbone",
                 *_COMMON,
             ),
-            _run_teacher,
-            lambda p: backbone_mod.local_files(p.backbone),
+            execute=_run_teacher,
+            external=lambda p: backbone_mod.local_files(p.backbone),
+        ),
+        Stage(
+            name="rewire",
+            out="artifacts/rewired",
+            sections=("rewire", "widths", "depths"),
+            upstream=("data", "teacher"),
+            modules=(
+                "stages.rewire",
+                "dynaflow.importance",
+                "dynaflow.modeling",
+                "dynaflow.evaluate",
+                "dynaflow.metrics",
+                *_COMMON,
+            ),
+            execute=_run_rewire,
+        ),
+        Stage(
+            name="augment",
+            out="data/augmented",
+            sections=("augment", "seed"),
+            upstream=("data", "teacher"),
+            modules=("stages.augment", "dynaflow.augment", *_COMMON),
+            execute=_run_augment,
+        ),
+        Stage(
+            name="width_kd",
+            out="artifacts/dynabert_w",
+            sections=("width_kd", "widths", "seed"),
+            upstream=("data", "teacher", "rewire", "augment"),
+            modules=_DISTILL,
+            execute=_run_width_kd,
+        ),
+        Stage(
+            name="depth_kd",
+            out="artifacts/dynabert",
+            sections=("depth_kd", "widths", "depths", "seed"),
+            upstream=("data", "augment", "width_kd"),
+            modules=_DISTILL,
+            execute=_run_depth_kd,
         ),
     ]
 }

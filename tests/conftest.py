@@ -23,13 +23,14 @@ WORDS = (
 ).split()
 
 
-def make_tiny_backbone(path: Path, layers: int = 2, heads: int = 2, hidden: int = 32) -> Path:
+def make_tiny_backbone(path: Path, layers: int = 2, heads: int = 4, hidden: int = 32) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ","]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    # Positional: transformers 5 silently ignores vocab_file= (every word would become [UNK]).
+    BertTokenizerFast(str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
     config = BertConfig(
         vocab_size=len(vocab),
         hidden_size=hidden,
@@ -88,7 +89,11 @@ def project(tmp_path: Path, tiny_backbone: Path, tiny_glue: Path) -> Path:
     """A project root with a tiny params.yaml (tiny BERT, tiny SST-2)."""
     root = tmp_path / "project"
     root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_backbone, tiny_glue)))
+    from dynaflow.config import Params
+
+    # Every section written out: DVC requires each params key its stages name to be in the file.
+    full = Params.model_validate(tiny_params(tiny_backbone, tiny_glue)).model_dump(mode="json")
+    (root / "params.yaml").write_text(yaml.safe_dump(full))
     return root
 
 

@@ -89,3 +89,12 @@ def test_missing_and_malformed_file(tmp_path: Path) -> None:
     bad.write_text("teacher: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_grid_must_fit_backbone(tmp_path: Path, tiny_backbone: Path) -> None:
+    from dynaflow.backbone import check_grid
+
+    params = load_params(write(tmp_path, {"backbone": str(tiny_backbone), "widths": [1.0, 0.1]}))
+    with pytest.raises(ConfigError, match=r"widths: 0.1: .*0 of 4 attention heads"):
+        check_grid(params)
+    check_grid(load_params(write(tmp_path, {"backbone": str(tiny_backbone)})))  # the default grid fits

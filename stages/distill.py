@@ -1,0 +1,164 @@
+"""Distillation stages: width-adaptive (DynaBERT_W), then width-and-depth (DynaBERT).
+
+* ``width``: student = the rewired teacher, teacher = the fine-tuned teacher (fixed); widths only.
+* ``depth``: student and teacher both start from DynaBERT_W (the teacher fixed); widths × depths, then
+  optionally final fine-tuning of every sub-network on labels.
+
+Checkpoint selection follows the official code: at each evaluation (every ``eval_every`` steps, or each
+epoch end) every sub-network is scored and the weights with the best *sum* of main scores are kept. The
+official code selects on dev, which is also what gets reported; ``selection: heldout`` selects on a slice
+of the training set instead (excluded from training), ``last`` keeps the final weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dynaflow.artifacts import atomic_write_json
+from dynaflow.backbone import load_elastic
+from dynaflow.config import DepthDistillConfig, DistillConfig
+from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
+from dynaflow.distill import SubnetGrid, make_distill_step, make_label_step
+from dynaflow.evaluate import evaluate_grid, load_dev
+from dynaflow.plots import grid_heatmap
+from dynaflow.tracking import NullTracker
+from dynaflow.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+def split_heldout(train: TokenizedSplit, n: int, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
+    """(training part, held-out part): a seeded slice of ``n`` examples taken out of training."""
+    if n >= len(train):
+        raise ValueError(f"heldout_examples={n} leaves nothing to train on ({len(train)} training examples)")
+    order = np.random.default_rng([seed, 7]).permutation(len(train))
+    return train.subset(np.sort(order[n:])), train.subset(np.sort(order[:n]))
+
+
+def run(
+    phase: str,
+    cfg: DistillConfig | DepthDistillConfig,
+    widths: list[float],
+    depths: list[float],
+    seed: int,
+    student_dir: Path,
+    teacher_dir: Path,
+    train_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    fingerprint: str,
+    tracker: NullTracker,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    if phase not in ("width", "depth"):
+        raise ValueError(f"phase must be 'width' or 'depth', got {phase!r}")
+    meta = read_task_meta(data_dir)
+    task, regression = meta["task"], meta["is_regression"]
+    train = load_split(train_dir, "train")
+    dev = load_dev(data_dir, meta["dev_splits"])
+    if cfg.selection == "heldout":
+        train, heldout = split_heldout(train, cfg.heldout_examples, seed)
+        selection_split = {"heldout": heldout}
+    else:
+        selection_split = dev
+
+    torch.manual_seed(seed)
+    student, teacher = load_elastic(student_dir), load_elastic(teacher_dir)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    grid = SubnetGrid(tuple(widths), (1.0,) if phase == "width" else tuple(depths))
+    step = make_distill_step(
+        student, teacher, grid,
+        lambda_logit=cfg.lambda_logit, lambda_hidden=cfg.lambda_hidden, is_regression=regression,
+        teacher_width=getattr(cfg, "teacher_width", "full"),
+    )  # fmt: skip
+
+    # Best-so-far weights by the summed score over all sub-networks; part of the checkpoint for resume.
+    best: dict[str, Any] = {"score": -float("inf"), "step": 0, "state": None}
+
+    def select(at_step: int) -> dict[str, float]:
+        results = evaluate_grid(student, task, selection_split, list(grid.widths), list(grid.depths))
+        total = sum(r["score"] for r in results.values())
+        if total > best["score"]:
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            best.update(score=total, step=at_step, state=state)
+        log.info("%s distillation, step %d: summed selection score %.4f (best %.4f at step %d)",
+                 phase, at_step, total, best["score"], best["step"])  # fmt: skip
+        return {"selection.sum": total, **{f"selection.{k}": r["score"] for k, r in results.items()}}
+
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    evaluate_now = cfg.selection != "last" and cfg.eval_every > 0
+
+    def on_each_step(at_step: int) -> dict[str, float] | None:
+        if on_step is not None:
+            on_step(at_step)
+        return select(at_step) if evaluate_now and at_step % cfg.eval_every == 0 else None
+
+    def on_epoch_end(epoch: int) -> dict[str, float]:
+        at_step = epoch * steps_per_epoch
+        if cfg.selection == "last" or (cfg.eval_every and at_step % cfg.eval_every == 0):
+            return {}  # nothing to select, or just evaluated at this very step
+        return select(at_step)
+
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=seed,
+        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        checkpoint_steps=cfg.checkpoint_steps,
+    )  # fmt: skip
+    result = fit(
+        student, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
+        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,
+        extra_state=(lambda: dict(best), best.update), desc=f"distill-{phase}",
+        pad_id=student.config.pad_token_id or 0,
+    )  # fmt: skip
+    if best["state"] is not None:
+        student.load_state_dict(best["state"])
+        log.info("%s distillation: keeping the weights of step %d (selection on %s)", phase, best["step"],
+                 cfg.selection)  # fmt: skip
+
+    finetune_epochs = getattr(cfg, "final_finetune_epochs", 0)
+    if finetune_epochs:
+        finetune_cfg = TrainConfig(
+            epochs=finetune_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=seed,
+            max_grad_norm=cfg.max_grad_norm,
+        )  # fmt: skip
+        fit(
+            student, train, make_label_step(student, grid, regression), finetune_cfg,
+            checkpoint=work_dir / "finetune.pt", fingerprint=fingerprint, tracker=tracker,
+            desc="final-finetune",
+            pad_id=student.config.pad_token_id or 0,
+        )  # fmt: skip
+
+    results = evaluate_grid(student, task, dev, list(grid.widths), list(grid.depths), cfg.eval_batch_size)
+    student.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
+    atomic_write_json(out_dir / "grid.json", results)
+    grid_heatmap(
+        {k: r["score"] for k, r in results.items()}, list(grid.widths), list(grid.depths),
+        f"DynaBERT{'_W' if phase == 'width' else ''} dev {meta['main_metric']} ({task})",
+        out_dir / "grid.png",
+    )  # fmt: skip
+    tracker.log_artifact(out_dir / "grid.png")
+    tracker.log_artifact(out_dir / "grid.json")
+    metrics: dict[str, Any] = {f"dev.{k}.{m}": v for k, r in results.items() for m, v in r.items()}
+    metrics |= {
+        "selected_step": best["step"],
+        "train_seconds": result.seconds,
+        "examples_per_second": result.examples_per_second,
+        "train_examples": len(train),
+    }
+    tracker.log_metrics(metrics)
+    log.info(
+        "%s distillation dev scores: %s",
+        phase,
+        json.dumps({k: round(r["score"], 4) for k, r in results.items()}),
+    )
+    return metrics
