@@ -190,3 +190,18 @@ def test_heldout_selection_leaves_examples_out(
     params.width_kd.heldout_examples = 48
     with pytest.raises(ValueError, match="leaves nothing to train on"):
         run_phase(params, "width", teacher_dir, teacher_dir, data_dir, tmp_path / "w2")
+
+
+def test_final_finetuning_trains_every_subnetwork_on_labels(
+    pipeline_dirs: tuple[Params, Path, Path], tmp_path: Path
+) -> None:
+    params, data_dir, teacher_dir = pipeline_dirs
+    params = params.model_copy(update={"widths": [1.0, 0.5], "depths": [1.0, 0.5]})
+    params.depth_kd.epochs = 1
+    run_phase(params, "depth", teacher_dir, teacher_dir, data_dir, tmp_path / "plain")
+    params.depth_kd.final_finetune_epochs = 1
+    run_phase(params, "depth", teacher_dir, teacher_dir, data_dir, tmp_path / "tuned")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    # The label phase moved the weights after distillation, classifier included.
+    assert not torch.equal(plain["classifier.weight"], tuned["classifier.weight"])
