@@ -44,13 +44,18 @@ def load_dev(data_dir: Path, dev_splits: list[str]) -> dict[str, TokenizedSplit]
     return {name: load_split(data_dir, name) for name in dev_splits}
 
 
+def _inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch without labels, on the model's device (a GPU when training ran on one)."""
+    dev = next(model.parameters()).device
+    return {k: v.to(dev) for k, v in batch.items() if k != "labels"}
+
+
 def hf_logits(model: torch.nn.Module) -> LogitsFn:
     """Wrap a Hugging Face sequence classifier as a batch -> logits function (eval mode)."""
 
     def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.eval()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return model(**inputs).logits
+        return model(**_inputs(model, batch)).logits
 
     return fn
 
@@ -70,8 +75,7 @@ def evaluate_grid(
         for width in widths:
 
             def logits(batch: dict[str, torch.Tensor], w: float = width, d: float = depth) -> torch.Tensor:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                return model(**inputs, width_mult=w, depth_mult=d).logits
+                return model(**_inputs(model, batch), width_mult=w, depth_mult=d).logits
 
             results[f"w{width}_d{depth}"] = evaluate(logits, task, dev, batch_size)
     return results

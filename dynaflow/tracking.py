@@ -100,3 +100,11 @@ def start_run(root: Path, run_name: str, tags: dict[str, Any] | None = None) -> 
         experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
     )
     return Tracker(client, run.info.run_id, experiment_id)
+
+
+def attach_run(root: Path, run_id: str) -> Tracker:
+    """A tracker for an existing run (a stage launched by the flow as a subprocess records into its run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(root))
+    return Tracker(client, run_id, client.get_run(run_id).info.experiment_id)

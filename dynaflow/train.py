@@ -5,6 +5,14 @@ caller's ``step_fn`` (a teacher's cross-entropy, or DynaBERT's sum over widths a
 forward and backward passes and returns the numbers to log. Checkpoints hold model, optimizer, schedule,
 RNG state and position; the batch order is a pure function of ``(seed, epoch)``, so a run that resumes from
 a checkpoint ends with the same weights as one that never stopped.
+
+Data-parallel (``torchrun``, see :mod:`dynaflow.distributed`): every rank walks the same batch order, takes
+its contiguous part of each global batch (cut from the batch padded as a whole, so padding-sensitive
+losses are unchanged), runs ``step_fn`` on it, and the gradients are summed across ranks weighted by each
+rank's share before clipping and the optimizer step: N processes take the steps one process takes on the
+same global batch. Logged losses are the example-weighted means over ranks. Only rank 0 shows progress,
+logs to the tracker and writes checkpoints; on resume rank 0 reads the checkpoint and sends it to the
+others. The hooks run on every rank (they must be deterministic, as evaluation is, so that ranks agree).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from dynaflow import distributed as ddp
 from dynaflow.data import TokenizedSplit, batch_order, collate
 from dynaflow.tracking import NullTracker
 
@@ -109,28 +118,43 @@ def fit(
     desc: str = "train",
     pad_id: int = 0,
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.epochs`` epochs over ``train``; resume from ``checkpoint`` if it matches."""
-    tracker = tracker or NullTracker()
+    """Train ``model`` for ``cfg.epochs`` epochs over ``train``; resume from ``checkpoint`` if it matches.
+
+    ``cfg.batch_size`` is the global batch: with N processes each takes about 1/N of it.
+    """
+    ddp.init()  # joins the process group when launched by torchrun; no-op in a single process
+    main, dev = ddp.is_main(), ddp.device()
+    tracker = (tracker or NullTracker()) if main else NullTracker()
+    model.to(dev)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + ddp.rank())  # rank 0 as one process; other ranks draw their own dropout
 
     epoch, done_in_epoch, history, resumed_from = 0, 0, [], None
-    state = _load_checkpoint(checkpoint, fingerprint)
+    state = ddp.broadcast_object(_load_checkpoint(checkpoint, fingerprint) if main else None)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks")
+        if rngs is not None and len(rngs) == ddp.world_size():
+            ddp.set_rng_state(rngs[ddp.rank()])
+        elif main:
+            torch.set_rng_state(state["rng"])
         epoch, done_in_epoch, history = state["epoch"], state["done_in_epoch"], state["history"]
         if extra_state is not None:
             extra_state[1](state["extra"])
         resumed_from = epoch * steps_per_epoch + done_in_epoch
         log.info("resuming %s from step %d of %d (%s)", desc, resumed_from, total, checkpoint)
 
+    ddp.broadcast_parameters(model)  # every rank starts from rank 0's weights
+
     def save(ep: int, done: int) -> None:
+        rngs = ddp.all_gather_object(ddp.rng_state())  # collective: every rank calls save
+        if not main:
+            return
         _save_checkpoint(
             checkpoint,
             {
@@ -142,18 +166,27 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "rng_ranks": rngs,
                 "extra": extra_state[0]() if extra_state is not None else None,
             },
         )
 
     started, seen = time.perf_counter(), 0
-    bar = tqdm(total=total, initial=resumed_from or 0, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=resumed_from or 0, desc=desc, unit="step", dynamic_ncols=True, disable=not main
+    )
     model.train()
     while epoch < cfg.epochs:
         batches = batch_order(len(train), cfg.batch_size, True, cfg.seed, epoch)
         for b in range(done_in_epoch, len(batches)):
-            batch = collate(train, batches[b], pad_id)
-            losses = step_fn(batch, lambda text: bar.set_description(f"{desc} {text}", refresh=False))
+            start, stop = ddp.shard_bounds(len(batches[b]))
+            losses: dict[str, float] = {}
+            if stop > start:  # a rank may get nothing from a last batch smaller than the number of ranks
+                batch = collate(train, batches[b], pad_id)
+                batch = {k: v[start:stop].to(dev) for k, v in batch.items()}
+                losses = step_fn(batch, lambda text: bar.set_description(f"{desc} {text}", refresh=False))
+            ddp.all_reduce_gradients(model, stop - start, len(batches[b]))
+            losses = ddp.mean_across_ranks(losses, stop - start)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()

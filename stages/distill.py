@@ -26,6 +26,7 @@ from dynaflow.backbone import load_elastic
 from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from dynaflow.distill import SubnetGrid, make_distill_step, make_label_step
+from dynaflow.distributed import device
 from dynaflow.evaluate import evaluate_grid, load_dev
 from dynaflow.plots import grid_heatmap
 from dynaflow.tracking import NullTracker
@@ -72,6 +73,7 @@ def run(
 
     torch.manual_seed(seed)
     student, teacher = load_elastic(student_dir), load_elastic(teacher_dir)
+    teacher.to(device())  # fit moves the student; on CPU both stay where they are
     for p in teacher.parameters():
         p.requires_grad_(False)
     grid = SubnetGrid(tuple(widths), (1.0,) if phase == "width" else tuple(depths))
