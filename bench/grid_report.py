@@ -22,13 +22,13 @@ def cell(metrics: dict, prefix: str, width: float, depth: float, suffix: str = "
     return metrics.get(f"{prefix}w{width}_d{depth}{suffix}")
 
 
-def table(title: str, rows: dict[str, dict[tuple[float, float], float | None]], widths, depths) -> str:
-    head = "| | " + " | ".join(f"m_w={w}, m_d={d}" for d in depths for w in widths) + " |"
-    sep = "|---" * (1 + len(widths) * len(depths)) + "|"
-    lines = [f"**{title}**", "", head, sep]
-    for name, values in rows.items():
-        cells = [values.get((w, d)) for d in depths for w in widths]
-        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+def table(title: str, values: dict[tuple[float, float], float | None], widths, depths) -> str:
+    """Rows: width multipliers; columns: depth multipliers (the layout of the paper's Table 1)."""
+    lines = [f"**{title}**", "", "| m_w \\ m_d | " + " | ".join(str(d) for d in depths) + " |",
+             "|---" * (1 + len(depths)) + "|"]  # fmt: skip
+    for w in widths:
+        cells = [values.get((w, d)) for d in depths]
+        lines.append(f"| {w} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
@@ -47,8 +47,10 @@ def main(root: Path) -> None:
         "after DynaBERT_W (width_kd)": {(w, 1.0): cell(width_kd, "dev.", w, 1.0, ".score") for w in widths},
         "after DynaBERT (depth_kd)": {g: cell(depth_kd, "dev.", *g, ".score") for g in grid},
     }
-    print(table(f"dev {main_metric} (%)", rows, widths, depths))
-    print()
+    print(f"teacher (full model): {100 * teacher[main_metric]:.1f}\n")
+    for name, values in list(rows.items())[1:]:
+        print(table(f"{name}: dev {main_metric} (%)", values, widths, depths))
+        print()
     print("| stage | wall time (s) | training examples/s |")
     print("|---|---:|---:|")
     for name, m in (("teacher", teacher), ("width_kd", width_kd), ("depth_kd", depth_kd)):
