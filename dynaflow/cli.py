@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,13 @@ from dynaflow.config import ConfigError, load_params
 EPILOG = """examples:
   dynaflow run                              # the whole pipeline through Prefect, cached per stage
   dynaflow run --set teacher.epochs=3       # override any params.yaml key for this run
+  dynaflow run --flow theseus               # BERT-of-Theseus: data, teacher, a successor of L/r layers
   dynaflow stage teacher                    # one stage, no Prefect (this is what `dvc repro` calls)
+  dynaflow stage teacher --nproc 4          # data-parallel: 4 processes under torchrun (DDP, gloo/NCCL)
   dynaflow status                           # which stage outputs are up to date
+  dynaflow export --width 0.5 --depth 0.5 --onnx   # any sub-network by hand -> exports/w0.5_d0.5/
+  dynaflow report                           # rebuild the evaluation report from stored results
+  dynaflow evaluate --profile gpu           # one hardware profile, on the machine that has it
 """
 
 
@@ -32,12 +38,42 @@ def _project_env(root: Path) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _launch_overrides(args: argparse.Namespace) -> None:
+    """``--nproc N``, ``--node-rank K``: shorthands for ``--set launch.nproc_per_node=N``, ``node_rank=K``."""
+    if args.nproc is not None:
+        args.set = [*args.set, f"launch.nproc_per_node={args.nproc}"]
+    if args.node_rank is not None:
+        args.set = [*args.set, f"launch.node_rank={args.node_rank}"]
+
+
+def relaunch_command(args: argparse.Namespace, launch: object) -> list[str]:
+    """``dynaflow stage ...`` again, as every process of a torchrun launch runs it."""
+    from dynaflow.distributed import launch_command
+
+    cli_args = ["-v"] if args.verbose else []
+    cli_args += ["stage", args.name, "--params", str(Path(args.params).resolve())]
+    cli_args += [f"--set={s}" for s in args.set]
+    cli_args += ["--no-track"] if args.no_track else []
+    cli_args += ["--run-id", args.run_id] if args.run_id else []
+    return launch_command(launch, cli_args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _launch_overrides(args)
     root = Path(args.params).resolve().parent
     # Fail on bad params before paying for Prefect's start-up.
-    check_grid(load_params(args.params, args.set))
+    params = load_params(args.params, args.set)
+    if args.flow == "theseus":
+        from dynaflow.theseus import check_backbone
+
+        check_backbone(params)
+    else:
+        check_grid(params)
     _project_env(root)
-    from flows.pipeline import pipeline
+    if args.flow == "theseus":
+        from flows.theseus import theseus as pipeline
+    else:
+        from flows.pipeline import pipeline
 
     started = time.perf_counter()
     results = pipeline(params_path=args.params, overrides=args.set, until=args.until, track=not args.no_track)
@@ -49,37 +85,57 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from dynaflow.tracking import NullTracker, start_run
+    from dynaflow import distributed as ddp
+    from dynaflow.tracking import NullTracker, attach_run, start_run
     from stages import STAGES, Layout, run_stage
 
     if args.name not in STAGES:
         print(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
+    _launch_overrides(args)
     params = load_params(args.params, args.set)
     check_grid(params)
     root = Path(args.params).resolve().parent
     _project_env(root)
-    tracker = (
-        NullTracker() if args.no_track else start_run(root, args.name, {"driver": "cli", "stage": args.name})
-    )
+    if STAGES[args.name].distributed and ddp.processes(params.launch) > 1 and not ddp.launched():
+        cmd = relaunch_command(args, params.launch)  # this same command, once per process, under torchrun
+        print(f"launching: {ddp.describe(cmd)}", file=sys.stderr, flush=True)
+        return subprocess.call(cmd, env=ddp.launch_env(params.launch))
+    ddp.init()
+    main = ddp.is_main()
+    if not main:  # rank 0 speaks for all: no info logs, no progress bars from the others
+        logging.getLogger().setLevel(logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"
+    owned = main and not args.no_track and not args.run_id  # an attached run is ended by whoever made it
+    if not main or args.no_track:
+        tracker = NullTracker()
+    elif args.run_id:
+        tracker = attach_run(root, args.run_id)
+    else:
+        tracker = start_run(root, args.name, {"driver": "cli", "stage": args.name})
     try:
         result = run_stage(args.name, params, Layout(root), tracker)
     except BaseException:
-        tracker.end("FAILED")
+        if owned:
+            tracker.end("FAILED")
         raise
-    tracker.end()
-    print(json.dumps(result, indent=2))
+    finally:
+        ddp.shutdown()
+    if owned:
+        tracker.end()
+    if main:
+        print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dynaflow.artifacts import check_output
-    from stages import STAGES, Layout, stage_key
+    from stages import STAGES, Layout, flow_stages, stage_key
 
     params = load_params(args.params, args.set)
     layout = Layout(Path(args.params).resolve().parent)
     stale = False
-    for name in STAGES:
+    for name in flow_stages(args.flow):
         problem = None
         for up in STAGES[name].upstream:
             if check_output(layout.out(up)) is not None:
@@ -111,21 +167,53 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a params key for this run, e.g. teacher.epochs=2 (repeatable)",
         )
 
+    def launch_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            help="train with N data-parallel processes per machine under torchrun "
+            "(= --set launch.nproc_per_node=N; training stages only)",
+        )
+        p.add_argument(
+            "--node-rank",
+            type=int,
+            metavar="K",
+            help="this machine's index in a several-machine launch (= --set launch.node_rank=K)",
+        )
+
+    def flow_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--flow",
+            choices=("dynaflow", "theseus"),
+            default="dynaflow",
+            help="dynaflow: the DynaBERT stages (default); theseus: data, teacher, BERT-of-Theseus",
+        )
+
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow, reusing up-to-date stages")
     common(p)
+    flow_option(p)
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    launch_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage now, without Prefect (what dvc.yaml calls)")
     common(p)
     p.add_argument("name", help="stage name: data, teacher, ...")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.add_argument("--run-id", help="record into this existing MLflow run (the flow's launched stages)")
+    launch_options(p)
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("status", help="show which stage outputs are up to date (exit 1 if any is not)")
     common(p)
+    flow_option(p)
     p.set_defaults(func=cmd_status)
+
+    from dynaflow import evalcli  # export, report, evaluate (one hardware profile)
+
+    evalcli.add_commands(sub, common)
     return parser
 
 

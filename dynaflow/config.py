@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -125,6 +125,144 @@ class AugmentConfig(_Section):
     )
 
 
+class LaunchConfig(_Section):
+    """How training stages (teacher, width_kd, depth_kd) run: one process, or data-parallel under torchrun.
+
+    Not part of any stage's cache key: N processes give the same result as one, up to rounding.
+    """
+
+    nproc_per_node: int = Field(
+        1, gt=0, description="processes per machine (1: in-process, the default; >1: torchrun, DDP)"
+    )
+    nnodes: int = Field(1, gt=0, description="machines; each runs the same command with its own node_rank")
+    node_rank: int = Field(0, ge=0, description="this machine's index; node 0 runs rank 0, gets the outputs")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of node 0, which every node connects to (required when nnodes > 1)"
+    )
+
+    @model_validator(mode="after")
+    def _nodes(self) -> LaunchConfig:
+        if self.nnodes > 1:
+            host, sep, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not (sep and host and port.isdigit()):
+                raise ValueError(f"nnodes = {self.nnodes} needs rdzv_endpoint as host:port of node 0, got "
+                                 f"{self.rdzv_endpoint!r}")  # fmt: skip
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank = {self.node_rank} must be below nnodes = {self.nnodes}")
+        return self
+
+
+class TheseusConfig(_Section):
+    """BERT-of-Theseus: a successor of L/r layers progressively replaces the teacher's modules of r layers."""
+
+    compress_ratio: int = Field(2, ge=2, description="r: teacher layers per successor layer (must divide L)")
+    scheduler: Literal["linear", "constant"] = Field(
+        "linear", description="replacing rate: linear curriculum p_t = min(1, k·t + b), or constant p"
+    )
+    replacing_rate: float = Field(0.3, ge=0, le=1, description="b (linear) or p (constant)")
+    k: float | None = Field(
+        None, gt=0, description="linear: increase per step; null = p reaches 1 at the last replacing step"
+    )
+    steps_for_replacing: int | None = Field(
+        None, gt=0, description="constant: p = 1 from this step on; null = never (official 0: at once)"
+    )
+    epochs: int = Field(1, gt=0, description="replacing phase")
+    finetune_epochs: int = Field(1, ge=0, description="then successor-only fine-tuning (p = 1)")
+    learning_rate: float = Field(
+        5e-4, gt=0, lt=1, description="official 5e-5 (2e-5 over 15 epochs): too small for 1 + 1 epochs"
+    )
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+
+    @model_validator(mode="after")
+    def _scheduler_knobs(self) -> TheseusConfig:
+        if self.scheduler == "linear" and self.steps_for_replacing is not None:
+            raise ValueError("steps_for_replacing is for scheduler 'constant' (linear: p = 1 at (1 - b) / k)")
+        if self.scheduler == "constant" and self.k is not None:
+            raise ValueError("k is for scheduler 'linear'; set it to null with scheduler 'constant'")
+        return self
+
+
+class HardwareProfile(_Section):
+    """One deployment target: where and how a sub-network runs, and the budget it must fit."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="short id used in file names (metrics/eval_<name>.json, exports/<name>)",
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu or cuda; absent here = skipped")
+    threads: int | str = Field("all", description="intra-op threads: a positive integer or 'all'")
+    runtime: Literal["torch", "onnxruntime"] = Field("torch", description="PyTorch eager or ONNX Runtime")
+    batch_size: int = Field(1, gt=0, description="sequences per forward call")
+    seq_len: int = Field(64, gt=1, le=4096, description="tokens per sequence")
+    latency_ms: float | None = Field(
+        None, gt=0, description="latency budget in ms (on evaluate.budget_stat); null = none"
+    )
+    memory_mb: float | None = Field(None, gt=0, description="peak-memory budget in MiB; null = none")
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value: Any) -> int | str:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError("threads must be a positive integer or 'all' (every CPU this process may use)")
+
+    @property
+    def has_budget(self) -> bool:
+        return self.latency_ms is not None or self.memory_mb is not None
+
+
+def _default_profiles() -> list[HardwareProfile]:
+    return [
+        HardwareProfile(name="cpu1", device="cpu", threads=1, runtime="onnxruntime", batch_size=1,
+                        seq_len=64, latency_ms=5.0),
+        HardwareProfile(name="cpu_all", device="cpu", threads="all", runtime="torch", batch_size=32,
+                        seq_len=64, latency_ms=120.0, memory_mb=400.0),
+        HardwareProfile(name="gpu", device="cuda", threads="all", runtime="torch", batch_size=32,
+                        seq_len=64, latency_ms=2.0),
+    ]  # fmt: skip
+
+
+class EvaluateConfig(_Section):
+    """Per-hardware evaluation of every extracted sub-network, selection within budgets, export."""
+
+    profiles: list[HardwareProfile] = Field(default_factory=_default_profiles, min_length=1)
+    warmup: int = Field(5, ge=0, description="untimed forward calls per sub-network before timing")
+    repeats: int = Field(30, gt=0, description="timed forward calls per sub-network (interleaved rounds)")
+    budget_stat: Literal["median", "p90"] = Field(
+        "p90", description="latency statistic a latency budget applies to"
+    )
+    eval_batch_size: int = Field(128, gt=0, description="batch size of the dev-set evaluation")
+    export: bool = Field(True, description="export each profile's selected sub-network (HF dir, ONNX)")
+    onnx_exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript", description="torch.onnx exporter: torchscript (fast) or dynamo (needs onnxscript)"
+    )
+    onnx_opset: int = Field(17, ge=14, le=23, description="ONNX opset of exported models")
+
+    @field_validator("profiles")
+    @classmethod
+    def _unique_names(cls, profiles: list[HardwareProfile]) -> list[HardwareProfile]:
+        names = [p.name for p in profiles]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"profile names must be unique; repeated: {', '.join(dupes)}")
+        return profiles
+
+    def profile(self, name: str) -> HardwareProfile:
+        for p in self.profiles:
+            if p.name == name:
+                return p
+        raise ConfigError(
+            f"no hardware profile {name!r} in evaluate.profiles; profiles: "
+            + ", ".join(p.name for p in self.profiles)
+        )
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0)
     backbone: str = Field(
@@ -138,6 +276,9 @@ class Params(_Section):
     augment: AugmentConfig = AugmentConfig()
     width_kd: DistillConfig = DistillConfig()
     depth_kd: DepthDistillConfig = DepthDistillConfig()
+    theseus: TheseusConfig = TheseusConfig()
+    launch: LaunchConfig = LaunchConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @field_validator("widths", "depths")
     @classmethod
@@ -180,12 +321,15 @@ def _format_errors(source: str, err: ValidationError, raw: dict[str, Any]) -> st
 def _lookup_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = Params
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (evaluate.profiles.0)
+            continue
         field = model.model_fields.get(str(part))
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) is list:
+            annotation = get_args(annotation)[0]
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
-        model = field.annotation
+        model = annotation
     return model
 
 

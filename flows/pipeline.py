@@ -8,20 +8,28 @@ runs again with ``refresh_cache`` and overwrites the stale cache entry.
 
 Tracking. One MLflow parent run per flow run and a child run per stage; a stage served from cache gets a
 child run tagged ``cached=true`` that points at the output it reused.
+
+Scale-out. With ``launch.nproc_per_node`` (or ``nnodes``) above 1, a training stage's task runs
+``dynaflow stage NAME`` under torchrun as a subprocess (the command ``dvc repro`` and a user would run),
+recording into the task's MLflow child run, and reads back its manifest; one process stays in-process.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
+from dynaflow import distributed as ddp
 from dynaflow.artifacts import check_output
 from dynaflow.config import Params, load_params
 from dynaflow.tracking import NullTracker, Tracker, start_run
-from stages import STAGES, Layout, run_stage, stage_key, summary
+from stages import STAGES, Layout, flow_stages, run_stage, stage_key, summary
 
 
 def _cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -29,20 +37,77 @@ def _cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
-def stage_task(name: str, key: str, params: dict[str, Any], root: str, parent: Any = None) -> dict[str, Any]:
+def stage_task(
+    name: str,
+    key: str,
+    params: dict[str, Any],
+    root: str,
+    parent: Any = None,
+    params_path: str | None = None,
+) -> dict[str, Any]:
     layout = Layout(Path(root))
     if usable(name, layout, key):  # made by `dvc repro` or `dynaflow stage`: same key, files intact
         if parent:
             _record_cached(parent, name, layout, key)
         return summary(name, layout, key) | {"status": "cached"}
     tracker = parent.child(name, {"stage": name, "cached": "false"}) if parent else NullTracker()
+    validated = Params.model_validate(params)
     try:
-        result = run_stage(name, Params.model_validate(params), layout, tracker)
+        if STAGES[name].distributed and ddp.processes(validated.launch) > 1 and not ddp.launched():
+            path = Path(params_path) if params_path else layout.root / "params.yaml"
+            result = run_launched(name, key, params, path, layout, tracker)
+        else:
+            result = run_stage(name, validated, layout, tracker)
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
     return result | {"status": "ran"}
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("...\n").strip()
+
+
+def overrides_between(wanted: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``--set`` overrides that turn the params ``current`` into ``wanted`` (both validated dumps)."""
+    out: list[str] = []
+    for key, value in wanted.items():
+        now = current.get(key) if isinstance(current, dict) else None
+        if isinstance(value, dict):
+            out += overrides_between(value, now if isinstance(now, dict) else {}, f"{prefix}{key}.")
+        elif now != value or type(now) is not type(value):
+            out.append(f"{prefix}{key}={_yaml_value(value)}")
+    return out
+
+
+def launch_command(name: str, params: dict[str, Any], params_path: Path, run_id: str | None) -> list[str]:
+    """``dynaflow stage NAME`` under torchrun, with exactly the flow's params (the file plus overrides)."""
+    current = load_params(params_path).model_dump(mode="json")
+    cli_args = ["stage", name, "--params", str(params_path.resolve())]
+    cli_args += [f"--set={o}" for o in overrides_between(params, current)]
+    cli_args += ["--run-id", run_id] if run_id else ["--no-track"]
+    return ddp.launch_command(Params.model_validate(params).launch, cli_args)
+
+
+def run_launched(
+    name: str,
+    key: str,
+    params: dict[str, Any],
+    params_path: Path,
+    layout: Layout,
+    tracker: Tracker | NullTracker,
+) -> dict[str, Any]:
+    """Run a training stage data-parallel in a torchrun subprocess; its rank 0 writes the output."""
+    cmd = launch_command(name, params, params_path, tracker.run_id)
+    print(f"{name}: launching {ddp.describe(cmd)}", flush=True)  # a task's prints go to the Prefect log
+    done = subprocess.run(cmd, cwd=layout.root, env=ddp.launch_env(Params.model_validate(params).launch))
+    if done.returncode != 0:
+        raise RuntimeError(f"stage {name!r} failed under torchrun (exit {done.returncode})")
+    problem = check_output(layout.out(name), key)
+    if problem is not None:  # the launched stage computed another key (other code or inputs than the flow's)
+        raise RuntimeError(f"stage {name!r} ran under torchrun, but its output is not usable: {problem}")
+    return summary(name, layout, key)
 
 
 def _record_cached(parent: Tracker | NullTracker, name: str, layout: Layout, key: str) -> None:
@@ -65,19 +130,20 @@ def pipeline(
     overrides: list[str] | None = None,
     until: str | None = None,
     track: bool = True,
+    stage_names: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run every stage in order (or up to ``until``), reusing each one whose inputs did not change."""
+    """Run every stage in order (or up to ``until``), reusing each one whose inputs did not change.
+
+    ``stage_names``: the stages to run, in order; default the DynaBERT ones (``flow_stages("dynaflow")``).
+    """
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     layout = Layout(Path(params_path).resolve().parent)
-    names = list(STAGES)
+    names = list(stage_names) if stage_names is not None else flow_stages("dynaflow")
     if until is not None:
         names = names[: names.index(until) + 1]
-    parent: Tracker | NullTracker = (
-        start_run(layout.root, "pipeline", {"driver": "prefect", "task": params.data.task})
-        if track
-        else NullTracker()
-    )
+    tags = {"driver": "prefect", "task": params.data.task, "flow": flow_run.flow_name}
+    parent: Tracker | NullTracker = start_run(layout.root, "pipeline", tags) if track else NullTracker()
     if track:
         parent.log_params(params.model_dump(mode="json"))
     results: dict[str, dict[str, Any]] = {}
@@ -86,8 +152,9 @@ def pipeline(
             key = stage_key(name, params, layout)
             fresh = not usable(name, layout, key)
             state = stage_task.with_options(name=name, refresh_cache=fresh)(
-                name, key, params.model_dump(mode="json"), str(layout.root), parent, return_state=True
-            )
+                name, key, params.model_dump(mode="json"), str(layout.root), parent,
+                str(Path(params_path).resolve()), return_state=True,
+            )  # fmt: skip
             result = state.result()
             if state.name == "Cached":
                 logger.info("%s: cached (output %s)", name, result["out"])

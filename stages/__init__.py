@@ -13,12 +13,14 @@ import hashlib
 import importlib
 import json
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dynaflow import backbone as backbone_mod
+from dynaflow import distributed as ddp
 from dynaflow.artifacts import (
     atomic_write_json,
     check_output,
@@ -61,6 +63,8 @@ class Stage:
     modules: tuple[str, ...]  # modules whose source versions the output
     execute: Execute
     external: Callable[[Params], list[Path]] = lambda params: []
+    distributed: bool = False  # a training stage: `launch` (params.yaml) can run it data-parallel
+    flow: str = "dynaflow"  # the Prefect flow that runs it (see flow_stages); data and teacher serve all
 
     def source_files(self) -> list[Path]:
         return [Path(importlib.import_module(m).__file__) for m in self.modules]  # type: ignore[arg-type]
@@ -128,6 +132,33 @@ def _run_augment(params: Params, layout: Layout, out: Path, key: str, tracker: N
     return augment.run(params.augment, params.seed, layout.out("teacher"), layout.out("data"), out, tracker)
 
 
+def _run_theseus(params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker) -> dict[str, Any]:
+    from stages import theseus
+
+    return theseus.run(
+        params.theseus, params.seed, layout.out("teacher"), layout.out("data"), out, layout.work("theseus"),
+        key, tracker,
+    )  # fmt: skip
+
+
+def _run_evaluate(
+    params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker
+) -> dict[str, Any]:
+    from stages import evaluate
+
+    return evaluate.run(
+        params.evaluate, params.widths, params.depths, model_dir=layout.out("depth_kd"),
+        data_dir=layout.out("data"), out_dir=out, tracker=tracker, metrics_dir=layout.root / "metrics",
+        published_as=STAGES["evaluate"].out,
+    )  # fmt: skip
+
+
+def _machine(params: Params) -> list[Path]:
+    from dynaflow.hardware import machine_file
+
+    return [machine_file()]  # measured latency belongs to this machine: another one re-runs the stage
+
+
 def _data_inputs(params: Params) -> list[Path]:
     from stages import data
 
@@ -135,8 +166,9 @@ def _data_inputs(params: Params) -> list[Path]:
 
 
 _COMMON = ("dynaflow.config", "dynaflow.artifacts", "dynaflow.data")
-_DISTILL = ("stages.distill", "dynaflow.distill", "dynaflow.train", "dynaflow.modeling", "dynaflow.evaluate",
-            "dynaflow.metrics", "dynaflow.plots", *_COMMON)  # fmt: skip
+_DISTILL = ("stages.distill", "dynaflow.distill", "dynaflow.train", "dynaflow.distributed",
+            "dynaflow.modeling", "dynaflow.evaluate", "dynaflow.metrics", "dynaflow.plots",
+            *_COMMON)  # fmt: skip
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in [
@@ -157,6 +189,7 @@ STAGES: dict[str, Stage] = {
             modules=(
                 "stages.teacher",
                 "dynaflow.train",
+                "dynaflow.distributed",
                 "dynaflow.evaluate",
                 "dynaflow.metrics",
                 "dynaflow.backbone",
@@ -164,6 +197,7 @@ STAGES: dict[str, Stage] = {
             ),
             execute=_run_teacher,
             external=lambda p: backbone_mod.local_files(p.backbone),
+            distributed=True,
         ),
         Stage(
             name="rewire",
@@ -195,6 +229,7 @@ STAGES: dict[str, Stage] = {
             upstream=("data", "teacher", "rewire", "augment"),
             modules=_DISTILL,
             execute=_run_width_kd,
+            distributed=True,
         ),
         Stage(
             name="depth_kd",
@@ -203,9 +238,52 @@ STAGES: dict[str, Stage] = {
             upstream=("data", "augment", "width_kd"),
             modules=_DISTILL,
             execute=_run_depth_kd,
+            distributed=True,
+        ),
+        Stage(
+            name="evaluate",
+            out="artifacts/evaluation",
+            sections=("evaluate", "widths", "depths"),
+            upstream=("data", "depth_kd"),
+            modules=("stages.evaluate", "dynaflow.hardware", "dynaflow.export", "dynaflow.selection",
+                     "dynaflow.report", "dynaflow.extract", "dynaflow.modeling", "dynaflow.evaluate",
+                     "dynaflow.metrics", "dynaflow.plots", *_COMMON),  # fmt: skip
+            execute=_run_evaluate,
+            external=_machine,
+        ),
+        Stage(
+            name="theseus",
+            out="artifacts/theseus",
+            sections=("theseus", "seed"),
+            upstream=("data", "teacher"),
+            modules=(
+                "stages.theseus",
+                "dynaflow.theseus",
+                "dynaflow.train",
+                "dynaflow.evaluate",
+                "dynaflow.metrics",
+                *_COMMON,
+            ),
+            execute=_run_theseus,
+            flow="theseus",
         ),
     ]
 }
+
+
+def flow_stages(flow: str) -> list[str]:
+    """The stages a flow runs, in registry order: those with ``flow == flow`` and everything upstream."""
+    wanted = {n for n, s in STAGES.items() if s.flow == flow}
+    if not wanted:
+        flows = sorted({s.flow for s in STAGES.values()})
+        raise ValueError(f"no stage belongs to flow {flow!r}; flows: {', '.join(flows)}")
+    todo = list(wanted)
+    while todo:
+        for up in STAGES[todo.pop()].upstream:
+            if up not in wanted:
+                wanted.add(up)
+                todo.append(up)
+    return [n for n in STAGES if n in wanted]
 
 
 def _dump(value: Any) -> Any:
@@ -236,11 +314,21 @@ def check_upstream(name: str, layout: Layout) -> None:
 def run_stage(
     name: str, params: Params, layout: Layout, tracker: NullTracker | None = None
 ) -> dict[str, Any]:
-    """Run one stage into its output directory atomically; return its summary (paths, key, metrics)."""
-    tracker = tracker or NullTracker()
+    """Run one stage into its output directory atomically; return its summary (paths, key, metrics).
+
+    In a data-parallel run (torchrun) every rank trains, but only rank 0 writes the output, metrics and
+    manifest and records to ``tracker``; the other ranks work in a throw-away directory. All return once
+    rank 0's output is complete.
+    """
     check_upstream(name, layout)
     key = stage_key(name, params, layout)
     out = layout.out(name)
+    if ddp.init() and not ddp.is_main():
+        with tempfile.TemporaryDirectory(prefix=f"dynaflow-{name}-rank{ddp.rank()}-") as scratch:
+            STAGES[name].execute(params, layout, Path(scratch), key, NullTracker())
+        ddp.barrier()
+        return summary(name, layout, key)
+    tracker = tracker or NullTracker()
     tracker.log_params({s: _dump(params.section(s)) for s in STAGES[name].sections})
     tracker.set_tags({"stage": name, "cache_key": key, "output": out})
     with staged_output(out) as tmp:
@@ -249,6 +337,7 @@ def run_stage(
     atomic_write_json(layout.metrics(name), metrics)
     shutil.rmtree(layout.work(name), ignore_errors=True)
     tracker.log_artifact(layout.metrics(name))
+    ddp.barrier()
     return summary(name, layout, key)
 
 

@@ -1,0 +1,198 @@
+"""The evaluation report: per hardware profile a table and a metric-vs-latency plot with the Pareto front.
+
+Everything here works from the stored results (``results.json`` written by the evaluate stage, or by the
+per-profile flow on another machine), so ``dynaflow report`` can rebuild the report, merging results
+measured on several machines, without a model or the hardware.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dynaflow.plots import plt
+from dynaflow.selection import latency_key, pareto_front, point_name
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+
+
+def plot_file(profile: str) -> str:
+    return f"pareto_{profile}.png"
+
+
+def plot_points(entry: dict[str, Any], stat: str = "median") -> list[dict[str, Any]]:
+    """The points the profile's plot draws: one per measured grid point, with front and selection flags."""
+    rows = entry.get("rows") or []
+    front = pareto_front(rows, stat)
+    chosen = (entry.get("selection") or {}).get("row") or {}
+    key = latency_key(stat)
+    return [
+        {
+            "name": point_name(r),
+            "width": r["width"],
+            "depth": r["depth"],
+            "latency_ms": r[key],
+            "metric": r["metric"],
+            "on_front": on,
+            "selected": bool(chosen) and (r["width"], r["depth"]) == (chosen["width"], chosen["depth"]),
+        }
+        for r, on in zip(rows, front, strict=True)
+    ]
+
+
+def pareto_plot(entry: dict[str, Any], metric_name: str, path: Path, budget_stat: str = "p90") -> None:
+    """Dev metric against median latency; the front joined by a line, the selection starred, the budget."""
+    points = plot_points(entry, "median")
+    profile = entry["profile"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    others = [p for p in points if not p["on_front"]]
+    front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
+    ax.scatter([p["latency_ms"] for p in others], [p["metric"] for p in others], color="0.6", s=28,
+               label="dominated", zorder=2)  # fmt: skip
+    ax.plot([p["latency_ms"] for p in front], [p["metric"] for p in front], "o-", color="tab:blue", ms=6,
+            label="Pareto front", zorder=3)  # fmt: skip
+    for p in points:
+        ax.annotate(f"{p['width']:g}/{p['depth']:g}", (p["latency_ms"], p["metric"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    chosen = [p for p in points if p["selected"]]
+    if chosen:
+        ax.scatter([chosen[0]["latency_ms"]], [chosen[0]["metric"]], marker="*", s=260, color="tab:red",
+                   zorder=4, label=f"selected ({chosen[0]['name']})")  # fmt: skip
+    if profile.get("latency_ms") is not None:
+        ax.axvline(profile["latency_ms"], color="tab:red", ls="--", lw=1,
+                   label=f"budget ({budget_stat} ≤ {profile['latency_ms']:g} ms)")  # fmt: skip
+    ax.set_xlabel("latency per batch, median (ms)")
+    ax.set_ylabel(f"dev {metric_name}")
+    ax.set_title(
+        f"{profile['name']}: {profile['device']}, {entry.get('threads') or profile['threads']} thread(s), "
+        f"{profile['runtime']}, batch {profile['batch_size']} x {profile['seq_len']} tokens",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", title="point labels: width/depth", title_fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def profile_table(entry: dict[str, Any], metric_name: str, budget_stat: str) -> list[str]:
+    rows = entry.get("rows") or []
+    front = pareto_front(rows, "median")
+    chosen = (entry.get("selection") or {}).get("row") or {}
+    lines = [
+        f"| sub-network | width | depth | dev {metric_name} | latency median (ms) | p90 (ms) | seq/s "
+        "| params (M) | GFLOPs/seq | file (MB) | peak mem (MiB) | Pareto | within budget |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
+    ]
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["latency_median_ms"], -rows[i]["metric"]))
+    for i in order:
+        r = rows[i]
+        name = point_name(r)
+        if chosen and (r["width"], r["depth"]) == (chosen["width"], chosen["depth"]):
+            name = f"**{name}** ★"
+        within = {True: "yes", False: "no", None: "–"}[r.get("fits")]
+        cells = [
+            name, f"{r['width']:g}", f"{r['depth']:g}", f"{r['metric']:.4f}", f"{r['latency_median_ms']:.3f}",
+            f"{r['latency_p90_ms']:.3f}", _fmt(r.get("sequences_per_s"), ".1f"), f"{r['params'] / 1e6:.2f}",
+            f"{r['gflops_per_seq']:.3f}", _fmt(r.get("file_mb"), ".1f"), _fmt(r.get("memory_mb"), ".1f"),
+            "●" if front[i] else "", within,
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(results: dict[str, Any], out_dir: Path) -> str:
+    """Write one PNG per measured profile into ``out_dir`` and return the Markdown report embedding them."""
+    metric_name = results.get("main_metric", "score")
+    protocol = results.get("protocol", {})
+    stat = protocol.get("budget_stat", "p90")
+    lines = [
+        f"# Per-hardware evaluation: {results.get('task', '?')}",
+        "",
+        f"Model: `{results.get('model', '?')}`; widths {results.get('widths')} × depths "
+        f"{results.get('depths')}; dev {metric_name} computed once per sub-network, on the extracted model.",
+        f"Latency: {protocol.get('warmup', '?')} warm-up calls, then {protocol.get('repeats', '?')} timed "
+        "calls per sub-network in interleaved rounds; threads pinned to the profile. Budgets apply to the "
+        f"latency {stat}. Peak memory: {protocol.get('memory', 'see dynaflow.hardware')}.",
+        "",
+    ]
+    for entry in results.get("profiles", []):
+        p = entry["profile"]
+        lines.append(f"## Profile `{p['name']}`")
+        lines.append("")
+        threads = entry.get("threads") or p["threads"]
+        lines.append(
+            f"{p['device']}, {threads} thread(s), {p['runtime']}, batch {p['batch_size']}, "
+            f"sequence length {p['seq_len']}; budget: {(entry.get('selection') or {}).get('budget', 'none')}."
+        )
+        if entry["status"] != "measured":
+            lines += ["", f"**Skipped** on `{(entry.get('machine') or {}).get('host', 'this machine')}`: "
+                      f"{entry.get('note')}.", ""]  # fmt: skip
+            continue
+        m = entry.get("machine") or {}
+        lines.append(
+            f"Measured on `{m.get('host', '?')}`: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs"
+            + (f", GPU {', '.join(m['cuda'])}" if m.get("cuda") else "")
+            + f"; torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')}."
+        )
+        sel = entry.get("selection") or {}
+        lines += ["", f"**Selection:** {sel.get('message', 'none')}"]
+        if entry.get("export"):
+            lines.append(f"Exported to `{entry['export']}`.")
+        lines += ["", f"![{p['name']}: dev {metric_name} vs latency]({plot_file(p['name'])})", ""]
+        pareto_plot(entry, metric_name, out_dir / plot_file(p["name"]), stat)
+        lines += profile_table(entry, metric_name, stat)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out_dir: Path) -> Path:
+    """``report.md`` and the plots in ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / REPORT_FILE
+    path.write_text(render(results, out_dir))
+    return path
+
+
+def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Results from ``results.json`` files or directories holding one."""
+    out = []
+    for path in paths:
+        path = Path(path)
+        file = path / RESULTS_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no evaluation results (run `dynaflow stage evaluate` first)")
+        out.append(json.loads(file.read_text()))
+    return out
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result set from several (e.g. the local run plus profiles measured on other machines).
+
+    Profiles are matched by name: a measured entry replaces a skipped one, and a later measured entry an
+    earlier one. Grid, task and protocol come from the first result.
+    """
+    if not results:
+        raise ValueError("no results to merge")
+    merged = dict(results[0])
+    profiles: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for entry in result.get("profiles", []):
+            name = entry["profile"]["name"]
+            if (
+                name not in profiles
+                or entry["status"] == "measured"
+                or profiles[name]["status"] != "measured"
+            ):
+                profiles[name] = entry
+    merged["profiles"] = list(profiles.values())
+    return merged

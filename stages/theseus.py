@@ -1,0 +1,143 @@
+"""Theseus stage: compress the fine-tuned teacher (the predecessor) by progressive module replacing.
+
+One training run over ``epochs + finetune_epochs`` epochs with one optimizer and learning-rate schedule, as
+in the official code: during the first ``epochs`` (the replacing phase) each successor layer replaces its
+``r`` teacher layers with the scheduled rate; after them ``p = 1`` (successor-only fine-tuning). Only the
+successor's layers train. The output is the successor as a plain Hugging Face BERT classifier with dev
+metrics, the loss curve and the replacing rate of every step. Checkpoints go to ``work_dir``; the rate and
+the draws are pure functions of the step, so a resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import BertForSequenceClassification
+
+from dynaflow.artifacts import atomic_write_json
+from dynaflow.config import TheseusConfig
+from dynaflow.data import TOKENIZER_DIR, load_split, read_task_meta
+from dynaflow.evaluate import evaluate, hf_logits, load_dev
+from dynaflow.theseus import (
+    ReplacingSchedule,
+    build_theseus,
+    check_divides,
+    draw_gates,
+    export_successor,
+    theseus_encoder,
+)
+from dynaflow.tracking import NullTracker
+from dynaflow.train import TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+def make_schedule(cfg: TheseusConfig, steps_per_epoch: int) -> ReplacingSchedule:
+    """The configured scheduler; ``k: null`` makes the linear rate reach 1 when the replacing phase ends."""
+    end = steps_per_epoch * cfg.epochs
+    k = cfg.k if cfg.k is not None else (1 - cfg.replacing_rate) / end
+    if cfg.scheduler == "constant":
+        k = 0.0
+    return ReplacingSchedule(cfg.scheduler, cfg.replacing_rate, k, cfg.steps_for_replacing, end=end)
+
+
+def run(
+    cfg: TheseusConfig,
+    seed: int,
+    teacher_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path,
+    fingerprint: str,
+    tracker: NullTracker,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    meta = read_task_meta(data_dir)
+    train = load_split(data_dir, "train")
+    dev = load_dev(data_dir, meta["dev_splits"])
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(teacher_dir)
+    check_divides(model.config.num_hidden_layers, cfg.compress_ratio)
+    predecessor_layers = model.config.num_hidden_layers
+    model = build_theseus(model, cfg.compress_ratio)
+    encoder = theseus_encoder(model)
+    modules = len(encoder.scc_layer)
+
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    schedule = make_schedule(cfg, steps_per_epoch)
+    position = {"step": 0}  # optimizer steps done; restored from the checkpoint on resume
+
+    def gates_at(step: int) -> tuple[float, list[bool]]:
+        rate = schedule(step)
+        return rate, draw_gates(rate, modules, seed, step)
+
+    def step(batch: dict[str, torch.Tensor], note: Any = None) -> dict[str, float]:
+        rate, gates = gates_at(position["step"])
+        encoder.gates = gates  # which modules the successor replaces in this forward
+        if note is not None:
+            note(f"p={rate:.2f} replaced {sum(gates)}/{modules}")
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        if meta["is_regression"]:
+            loss = F.mse_loss(logits.squeeze(-1), labels.float())
+        else:
+            loss = F.cross_entropy(logits, labels)
+        if loss.requires_grad:  # else no module was replaced: nothing trainable in this forward, no update
+            loss.backward()
+        return {"loss": loss.item()}
+
+    def on_each_step(at_step: int) -> dict[str, float]:
+        rate, gates = gates_at(position["step"])  # what the step just taken used
+        position["step"] = at_step
+        if on_step is not None:
+            on_step(at_step)
+        return {"replacing_rate": rate, "replaced_modules": float(sum(gates))}
+
+    def on_epoch_end(epoch: int) -> dict[str, float]:
+        metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
+        log.info("theseus epoch %d (successor) dev: %s", epoch, metrics)
+        return {f"dev.{k}": v for k, v in metrics.items()}
+
+    train_cfg = TrainConfig(
+        epochs=cfg.epochs + cfg.finetune_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        seed=seed, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, checkpoint_steps=cfg.checkpoint_steps,
+    )  # fmt: skip
+    result = fit(
+        model, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
+        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,
+        extra_state=(lambda: dict(position), position.update), desc="theseus",
+        pad_id=model.config.pad_token_id or 0,
+    )  # fmt: skip
+
+    successor = export_successor(model)
+    dev_metrics = evaluate(hf_logits(successor), meta["task"], dev, cfg.eval_batch_size)
+    tracker.log_metrics({f"final.dev.{k}": v for k, v in dev_metrics.items()})
+    successor.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
+    metrics: dict[str, Any] = dev_metrics | {
+        "layers": modules,
+        "predecessor_layers": predecessor_layers,
+        "parameters": sum(p.numel() for p in successor.parameters()),
+        "predecessor_parameters": sum(p.numel() for p in model.parameters())
+        - sum(p.numel() for p in encoder.scc_layer.parameters()),
+        "replacing_steps": schedule.end,
+        "steps": result.global_step,
+    }
+    teacher_metrics = teacher_dir / "metrics.json"
+    if teacher_metrics.is_file():
+        metrics |= {f"predecessor.{k}": v for k, v in json.loads(teacher_metrics.read_text()).items()}
+    rates = [(t + 1, *gates_at(t)) for t in range(result.global_step)]
+    # Deterministic content only in the artifact (see stages/teacher.py); timings go to metrics/ and MLflow.
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
+    atomic_write_json(out_dir / "replacing_rate.json", [(s, r, sum(g)) for s, r, g in rates])
+    log.info("theseus: %d-layer successor dev %s (predecessor %s)", modules, metrics.get("score"),
+             metrics.get("predecessor.score"))  # fmt: skip
+    return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}

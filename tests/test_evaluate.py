@@ -1,0 +1,484 @@
+"""Per-hardware evaluation: latency harness, selection, ONNX and HF export, report, skipped devices, CLI,
+the per-profile Prefect deployment."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification
+
+from dynaflow import hardware
+from dynaflow.artifacts import write_manifest
+from dynaflow.config import EvaluateConfig, HardwareProfile, Params, load_params
+from dynaflow.export import (
+    ExportMismatch,
+    check_close,
+    elastic_logits,
+    export_onnx,
+    onnx_logits,
+    write_export,
+)
+from dynaflow.extract import extract_subnetwork
+from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.report import load_results, plot_points
+from dynaflow.selection import pareto_front, point_name, select
+from dynaflow.tracking import NullTracker
+from tests.conftest import tiny_params, write_sst2
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = dict(vocab_size=60, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+              max_position_embeddings=64, num_labels=2)  # fmt: skip
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_elastic(seed: int = 0) -> ElasticBertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(**CONFIG)
+    cfg.initializer_range = 0.2  # visible differences between sub-networks
+    return ElasticBertForSequenceClassification.from_bert(BertForSequenceClassification(cfg)).eval()
+
+
+def padded_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, CONFIG["vocab_size"], (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, seq // 2 :] = 0
+    types = torch.zeros_like(ids)
+    types[:, seq // 3 :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Latency and memory harness
+
+
+def test_latency_statistics_are_sane_on_a_tiny_model() -> None:
+    sub = extract_subnetwork(tiny_elastic(), 0.5, 0.5).eval()
+    run = hardware.torch_runner(sub, hardware.synthetic_inputs(CONFIG["vocab_size"], 2, 16))
+    stats = hardware.measure_latency(run, warmup=2, repeats=9)
+    assert stats.repeats == 9
+    assert 0 < stats.min_ms <= stats.median_ms <= stats.p90_ms <= stats.max_ms
+    assert stats.min_ms <= stats.mean_ms <= stats.max_ms
+
+
+def test_interleaved_timing_honours_warmup_and_repeats() -> None:
+    calls: Counter[str] = Counter()
+    runs = {k: (lambda k=k: calls.update([k])) for k in "abc"}
+    stats = hardware.time_interleaved(runs, warmup=2, repeats=5)
+    assert calls == {"a": 7, "b": 7, "c": 7}
+    assert {k: s.repeats for k, s in stats.items()} == {"a": 5, "b": 5, "c": 5}
+    with pytest.raises(ValueError, match="repeats"):
+        hardware.time_interleaved(runs, warmup=0, repeats=0)
+
+    order: list[str] = []
+    runs = {k: (lambda k=k: order.append(k)) for k in "ab"}
+    stats = hardware.time_interleaved(runs, warmup=1, repeats=5, block=2)
+    assert {k: s.repeats for k, s in stats.items()} == {"a": 5, "b": 5}
+    # warm-up a b; rounds of one untimed + 2 timed calls per model (the last round: 1 timed)
+    assert "".join(order) == "ab" + "aaa" + "bbb" + "bbb" + "aaa" + "aa" + "bb"
+
+
+def test_latency_statistics_of_known_samples() -> None:
+    s = hardware.LatencyStats.from_seconds([i / 1000 for i in range(10, 0, -1)])  # 1..10 ms, any order
+    assert (s.median_ms, s.p90_ms, s.min_ms, s.max_ms, s.mean_ms) == pytest.approx((5.5, 9.1, 1, 10, 5.5))
+
+
+def test_threads_are_pinned_and_restored() -> None:
+    before = torch.get_num_threads()
+    with hardware.pinned_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    profile = HardwareProfile(name="x", threads="all")
+    assert hardware.resolve_threads(profile) == hardware.available_cpus() >= 1
+
+
+def test_peak_memory_sees_what_the_runner_holds() -> None:
+    def build(mib: int):
+        held = np.ones(mib * 2**18, dtype=np.float32)  # mib MiB, touched
+        return lambda: float(held[::4096].sum())
+
+    small, large = hardware.peak_memory_mb(lambda: build(1)), hardware.peak_memory_mb(lambda: build(64))
+    if small is None or large is None:
+        pytest.skip("peak resident memory is not measurable here (no /proc/self/clear_refs)")
+    assert large - small == pytest.approx(63, abs=12)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Selection and Pareto front (synthetic tables)
+
+
+def row(w: float, d: float, metric: float, p90: float, params: int, memory: float | None = 10.0) -> dict:
+    return {"width": w, "depth": d, "metric": metric, "latency_p90_ms": p90, "latency_median_ms": p90 * 0.8,
+            "params": params, "memory_mb": memory}  # fmt: skip
+
+
+TABLE = [
+    row(1.0, 1.0, 0.90, 10.0, 100, 50.0),
+    row(0.75, 1.0, 0.89, 7.0, 80, 40.0),
+    row(0.5, 1.0, 0.89, 6.0, 60, 30.0),  # same metric as 0.75/1.0, faster: wins the tie
+    row(0.5, 0.5, 0.85, 3.0, 30, 20.0),
+    row(0.25, 0.5, 0.85, 3.0, 20, 15.0),  # same metric and latency as 0.5/0.5, fewer params: wins the tie
+]
+
+
+@pytest.mark.parametrize(
+    ("latency", "memory", "expected"),
+    [
+        (100.0, None, "w1.0_d1.0"),
+        (8.0, None, "w0.5_d1.0"),  # tie on metric -> lower latency
+        (3.5, None, "w0.25_d0.5"),  # tie on metric and latency -> fewer parameters
+        (None, 35.0, "w0.5_d1.0"),
+        (100.0, 16.0, "w0.25_d0.5"),
+    ],
+)
+def test_selection_picks_most_accurate_within_budget(latency, memory, expected) -> None:
+    for table in (TABLE, list(reversed(TABLE)), random.Random(0).sample(TABLE, len(TABLE))):
+        chosen = select(table, latency_ms=latency, memory_mb=memory, stat="p90", profile="p")
+        assert chosen.status == "selected" and point_name(chosen.row) == expected, chosen.message
+
+
+def test_selection_reports_when_nothing_fits() -> None:
+    chosen = select(TABLE, latency_ms=1.0, stat="p90", profile="edge")
+    assert chosen.status == "none_fit" and chosen.row is None
+    assert "no sub-network fits profile 'edge'" in chosen.message and "w0.25_d0.5" in chosen.message
+    assert "3 ms" in chosen.message  # how far off the fastest one is
+    chosen = select(TABLE, memory_mb=1.0, profile="tiny")
+    assert chosen.status == "none_fit" and "15 MiB" in chosen.message
+    assert select(TABLE, profile="any").status == "no_budget"
+
+
+def test_selection_uses_the_chosen_statistic_and_unknown_memory_never_fits() -> None:
+    # medians are 0.8 x p90: w0.75_d1.0 has median 5.6 ms, p90 7 ms
+    assert point_name(select(TABLE, latency_ms=6.5, stat="median").row) == "w0.5_d1.0"
+    assert point_name(select(TABLE, latency_ms=5.6, stat="median").row) == "w0.5_d1.0"
+    assert point_name(select(TABLE, latency_ms=5.6, stat="p90").row) == "w0.25_d0.5"
+    unknown = [dict(r, memory_mb=None) for r in TABLE]
+    assert select(unknown, memory_mb=1e9).status == "none_fit"
+
+
+def test_pareto_front() -> None:
+    rows = [row(1.0, 1.0, 0.90, 10.0, 1), row(0.5, 1.0, 0.89, 6.0, 1), row(0.25, 1.0, 0.85, 3.0, 1),
+            row(0.5, 0.5, 0.80, 5.0, 1), row(0.75, 1.0, 0.89, 7.0, 1)]  # fmt: skip
+    assert pareto_front(rows, "p90") == [True, True, True, False, False]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def test_onnx_logits_match_pytorch_on_an_extracted_subnetwork(tmp_path: Path) -> None:
+    elastic = tiny_elastic()
+    sub = extract_subnetwork(elastic, 0.5, 0.75).eval()
+    path = export_onnx(sub, tmp_path / "model.onnx")
+    assert not sub.training  # exporting does not leave the model in training mode
+    for batch, seq in ((3, 12), (1, 40), (5, 7)):  # dynamic batch and sequence axes
+        inputs = padded_batch(batch, seq)
+        diff = check_close("onnx", onnx_logits(path, inputs), elastic_logits(elastic, 0.5, 0.75, inputs))
+        assert diff <= 1e-4
+
+
+def test_check_close_refuses_a_mismatch() -> None:
+    with pytest.raises(ExportMismatch, match="differ"):
+        check_close("x", np.zeros((2, 2)), np.full((2, 2), 1e-3))
+    with pytest.raises(ExportMismatch, match="shape"):
+        check_close("x", np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_hf_export_loads_with_and_without_dynaflow_and_classifies(
+    tmp_path: Path, tiny_backbone: Path
+) -> None:
+    from transformers import AutoTokenizer, pipeline
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
+    from dynaflow.backbone import load_elastic
+
+    elastic = load_elastic(tiny_backbone).eval()  # the tiny BERT with a fresh classifier
+    batch = dict(tokenizer(["the movie was good", "a dull mess"], padding=True, return_tensors="pt"))
+    out = tmp_path / "export"
+    summary = write_export(
+        elastic, 0.5, 0.5, out, tokenizer_dir=tiny_backbone, batch=batch, onnx=True,
+        labels=["negative", "positive"],
+        card={"metric": 0.875, "metric_name": "acc", "task": "sst2", "path": "exports/cpu1",
+              "profile": HardwareProfile(name="cpu1", threads=1, runtime="onnxruntime").model_dump(),
+              "latency": {"median_ms": 1.5, "p90_ms": 2.0, "repeats": 30}},
+    )  # fmt: skip
+    assert summary["diff_hf"] <= 1e-4 and summary["diff_onnx"] <= 1e-4
+    assert {"config.json", "model.safetensors", "model.onnx", "README.md", "tokenizer.json",
+            "modeling_elastic_bert.py", "export.json"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    card = (out / "README.md").read_text()
+    for fragment in ("width 0.5, depth 0.5", "dev acc | 0.8750", "`cpu1`", "median 1.500, p90 2.000",
+                     'pipeline("text-classification", model="exports/cpu1"'):  # fmt: skip
+        assert fragment in card
+
+    clf = pipeline("text-classification", model=str(out))  # dynaflow.modeling is imported: no remote code
+    assert clf("the movie was good")[0]["label"] in ("negative", "positive")
+    # Without dynaflow, trust_remote_code=True loads the class from the copied modeling_elastic_bert.py.
+    remote_cls = get_class_from_dynamic_module(
+        "modeling_elastic_bert.ElasticBertForSequenceClassification", str(out)
+    )
+    assert remote_cls.__module__.startswith("transformers_modules")
+    remote = remote_cls.from_pretrained(out)
+    want = elastic_logits(elastic, 0.5, 0.5, batch)
+    with torch.inference_mode():
+        check_close("remote code", remote.eval()(**batch).logits.numpy(), want)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The stage, end to end on a tiny project
+
+
+PROFILES = [
+    {"name": "cpu1", "threads": 1, "runtime": "onnxruntime", "batch_size": 1, "seq_len": 16,
+     "latency_ms": 1e4},
+    {"name": "cpu_all", "threads": "all", "runtime": "torch", "batch_size": 4, "seq_len": 16,
+     "latency_ms": 1e-6},  # nothing fits
+    {"name": "gpu", "device": "cuda", "batch_size": 4, "seq_len": 16, "latency_ms": 1.0},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project_root(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
+    """A project whose data and depth_kd outputs exist (a random classifier stands in for the trained one)."""
+    from dynaflow.backbone import load_classifier
+    from stages import data
+
+    root = tmp_path_factory.mktemp("eval-project")
+    glue = write_sst2(root / "glue")
+    raw = tiny_params(tiny_backbone, glue) | {
+        "widths": [1.0, 0.5], "depths": [1.0, 0.5],
+        "evaluate": {"warmup": 1, "repeats": 4, "profiles": PROFILES},
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(mode="json")))
+    params = load_params(root / "params.yaml")
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    data.run(params.data, params.backbone, params.seed, prepared, NullTracker())
+    write_manifest(prepared, "test")
+    torch.manual_seed(0)
+    load_classifier(params.backbone, 2).save_pretrained(root / "artifacts" / "dynabert")
+    write_manifest(root / "artifacts" / "dynabert", "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(project_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``run_stage('evaluate')`` with CUDA reported absent (so the gpu profile is skipped on any machine)."""
+    from stages import Layout, run_stage
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hardware.torch.cuda, "is_available", lambda: False)
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))  # the machine identity file
+        run_stage("evaluate", load_params(project_root / "params.yaml"), Layout(project_root))
+    return project_root / "artifacts" / "evaluation"
+
+
+def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_root: Path) -> None:
+    results = load_results([evaluated])[0]
+    status = {e["profile"]["name"]: e["status"] for e in results["profiles"]}
+    assert status == {"cpu1": "measured", "cpu_all": "measured", "gpu": "skipped"}
+    grid = {"w1.0_d1.0", "w0.5_d1.0", "w1.0_d0.5", "w0.5_d0.5"}
+    for entry in results["profiles"][:2]:
+        rows = {point_name(r): r for r in entry["rows"]}
+        assert set(rows) == grid
+        for r in rows.values():
+            assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and r["repeats"] == 4
+            assert 0 <= r["metric"] <= 1 and r["params"] > 0 and r["gflops_per_seq"] > 0 and r["file_mb"] > 0
+            assert r["memory_mb"] is None or r["memory_mb"] >= 0
+        assert rows["w0.5_d0.5"]["params"] < rows["w1.0_d0.5"]["params"] < rows["w1.0_d1.0"]["params"]
+        # the dev metric is computed once per sub-network and shared by the profiles
+        assert {k: r["metric"] for k, r in rows.items()} == {
+            point_name(r): r["metric"] for r in results["profiles"][0]["rows"]
+        }
+    metrics = json.loads((project_root / "metrics" / "evaluate.json").read_text())
+    assert metrics["profiles_measured"] == 2 and metrics["profiles_skipped"] == 1
+    assert metrics["cpu1.selected.width"] in (1.0, 0.5)
+
+
+def test_absent_device_is_skipped_with_a_note(evaluated: Path, project_root: Path) -> None:
+    gpu = json.loads((project_root / "metrics" / "eval_gpu.json").read_text())
+    assert gpu["status"] == "skipped" and "CUDA" in gpu["note"]
+    report = (evaluated / "report.md").read_text()
+    assert "## Profile `gpu`" in report and "**Skipped**" in report and "no CUDA device" in report
+
+
+def test_absent_hardware_notes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    assert "no CUDA device" in hardware.unavailable(HardwareProfile(name="g", device="cuda"))
+    assert hardware.unavailable(HardwareProfile(name="c", threads="all", runtime="onnxruntime")) is None
+    many = hardware.available_cpus() + 1
+    assert f"needs {many} threads" in hardware.unavailable(HardwareProfile(name="c", threads=many))
+    monkeypatch.setattr(hardware, "_ort_providers", lambda: None)
+    assert "onnxruntime is not installed" in hardware.unavailable(
+        HardwareProfile(name="o", runtime="onnxruntime")
+    )
+
+
+def test_report_and_plots_have_one_point_per_grid_cell(evaluated: Path) -> None:
+    report = (evaluated / "report.md").read_text()
+    results = load_results([evaluated])[0]
+    for entry in results["profiles"][:2]:
+        name = entry["profile"]["name"]
+        assert f"![{name}: dev acc vs latency](pareto_{name}.png)" in report
+        assert (evaluated / f"pareto_{name}.png").stat().st_size > 5000
+        points = plot_points(entry)
+        assert sorted(p["name"] for p in points) == sorted(point_name(r) for r in entry["rows"])
+        assert len(points) == 4 and any(p["on_front"] for p in points)
+        assert sum(p["selected"] for p in points) == (1 if entry["selection"]["row"] else 0)
+    assert report.count("| w") >= 8  # a table row per grid point and measured profile
+
+
+def test_selection_exports_within_budget_only(evaluated: Path, project_root: Path) -> None:
+    results = load_results([evaluated])[0]
+    cpu1, cpu_all = results["profiles"][0], results["profiles"][1]
+    assert cpu1["selection"]["status"] == "selected" and cpu1["export"] == "artifacts/evaluation/exports/cpu1"
+    assert cpu_all["selection"]["status"] == "none_fit" and cpu_all["export"] is None
+    assert "no sub-network fits profile 'cpu_all'" in (evaluated / "report.md").read_text()
+    export = evaluated / "exports" / "cpu1"
+    summary = json.loads((export / "export.json").read_text())
+    assert summary["diff_onnx"] <= 1e-4 and summary["diff_hf"] <= 1e-4
+    card = (export / "README.md").read_text()
+    chosen = cpu1["selection"]["row"]
+    assert f"width {chosen['width']:g}, depth {chosen['depth']:g}" in card and "`cpu1`" in card
+    assert "latency (ms per batch)" in card and "dev acc" in card
+    assert not (evaluated / "exports" / "cpu_all").exists()
+    per_profile = json.loads((project_root / "metrics" / "eval_cpu1.json").read_text())
+    assert per_profile["selected"]["width"] == chosen["width"] and len(per_profile["grid"]) == 4
+
+
+def test_cli_report_merges_a_profile_measured_elsewhere(evaluated: Path, project_root: Path,
+                                                        tmp_path: Path) -> None:  # fmt: skip
+    from dynaflow.cli import main
+
+    local = load_results([evaluated])[0]
+    remote = json.loads(json.dumps(local))
+    gpu = dict(remote["profiles"][1], profile=remote["profiles"][2]["profile"], export=None)
+    gpu["machine"] = dict(gpu["machine"], host="gpu-box", cuda=["Some GPU"])
+    remote["profiles"] = [gpu]
+    (tmp_path / "hw" / "gpu").mkdir(parents=True)
+    (tmp_path / "hw" / "gpu" / "results.json").write_text(json.dumps(remote))
+    out = tmp_path / "report"
+    assert main(["report", "--params", str(project_root / "params.yaml"), "--results", str(evaluated),
+                 str(tmp_path / "hw" / "gpu"), "--out", str(out)]) == 0  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "**Skipped**" not in report and "`gpu-box`" in report and (out / "pareto_gpu.png").is_file()
+    assert [e["status"] for e in load_results([out])[0]["profiles"]] == ["measured"] * 3
+
+
+def test_cli_export_any_grid_point(project_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dynaflow.cli import main
+
+    params = str(project_root / "params.yaml")
+    out = tmp_path / "w0.5_d1.0"
+    assert (
+        main(["export", "--params", params, "--width", "0.5", "--depth", "1.0", "--onnx", "--out", str(out)])
+        == 0
+    )
+    assert {"model.onnx", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert "width 0.5, depth 1" in (out / "README.md").read_text()
+    assert "exported w0.5_d1.0" in capsys.readouterr().out
+    assert main(["export", "--params", params, "--width", "1.5", "--depth", "1.0"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_one_profile_flow_writes_its_own_results(project_root: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from flows.evaluate import evaluate_profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = evaluate_profile.fn(profile="cpu1", params_path=str(project_root / "params.yaml"), track=False)
+    out = Path(result["out"])
+    assert out == project_root / "artifacts" / "evaluation-hw" / "cpu1"
+    entries = load_results([out])[0]["profiles"]
+    assert [e["profile"]["name"] for e in entries] == ["cpu1"] and entries[0]["status"] == "measured"
+    assert (out / "exports" / "cpu1" / "model.onnx").is_file() and (out / "manifest.json").is_file()
+    from dynaflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no hardware profile 'tpu'"):
+        evaluate_profile.fn(profile="tpu", params_path=str(project_root / "params.yaml"), track=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config and the Prefect deployment
+
+
+def test_repository_defaults_match_params_yaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert load_params(ROOT / "params.yaml").evaluate == EvaluateConfig()
+    names = [p.name for p in EvaluateConfig().profiles]
+    assert "cpu" in {p.device for p in EvaluateConfig().profiles} and len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    ("profile", "fragment"),
+    [
+        ({"name": "a", "threads": "four"}, "threads must be a positive integer or 'all'"),
+        ({"name": "a", "threads": 0}, "threads must be a positive integer"),
+        ({"name": "a", "device": "tpu"}, "evaluate.profiles.0.device = 'tpu'"),
+        ({"name": "a", "runtime": "tensorrt"}, "evaluate.profiles.0.runtime"),
+        ({"name": "a", "latency_ms": -1}, "evaluate.profiles.0.latency_ms = -1"),
+        ({"name": "a/b"}, "evaluate.profiles.0.name"),
+        ({"name": "a", "gpu": 1}, "unknown key (allowed here: name, device, threads, runtime"),
+    ],
+)
+def test_profile_validation_names_key_and_value(tmp_path: Path, profile: dict, fragment: str) -> None:
+    from dynaflow.config import ConfigError
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"evaluate": {"profiles": [profile]}}))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert fragment in str(info.value)
+
+
+def test_duplicate_profile_names_are_rejected(tmp_path: Path) -> None:
+    from dynaflow.config import ConfigError
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"evaluate": {"profiles": [{"name": "a"}, {"name": "a"}]}}))
+    with pytest.raises(ConfigError, match="repeated: a"):
+        load_params(path)
+
+
+def test_prefect_yaml_deploys_the_one_profile_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    try:  # Prefect's own schema for prefect.yaml (a private module; skip the check if it moves)
+        from prefect.cli.deploy._models import PrefectYamlModel
+
+        assert len(PrefectYamlModel.model_validate(raw).deployments) == len(raw["deployments"])
+    except ImportError:
+        pass
+    assert raw["pull"] == [{"prefect.deployments.steps.set_working_directory":
+                            {"directory": "{{ $DYNAFLOW_PROJECT }}"}}]  # fmt: skip
+    profiles = {p.name: p for p in load_params(ROOT / "params.yaml").evaluate.profiles}
+    deployed = {}
+    monkeypatch.syspath_prepend(str(ROOT))
+    for d in raw["deployments"]:
+        path, _, func = d["entrypoint"].partition(":")
+        assert (ROOT / path).is_file()
+        flow_ = load_flow_from_entrypoint(f"{ROOT / path}:{func}")
+        assert flow_.name == "dynaflow-evaluate"
+        flow_.validate_parameters(d["parameters"])  # raises on a missing or unknown parameter
+        profile = profiles[d["parameters"]["profile"]]
+        assert d["work_pool"]["name"] == ("dynaflow-gpu" if profile.device == "cuda" else "dynaflow-cpu")
+        deployed[profile.name] = d["name"]
+    assert set(deployed) == set(profiles)  # one deployment per profile
