@@ -135,6 +135,36 @@ def machine_file() -> Path:
     return path
 
 
+def _cpu_busy_seconds() -> float | None:
+    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat), or None if unavailable."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """Average number of cores kept busy by *other* processes during a block (None where unknown).
+
+    Latency measured while other processes compete for the cores is inflated, and with several threads
+    badly so (every parallel region waits for its slowest thread); the report warns about it.
+    """
+
+    cores: float | None = None
+
+    def __enter__(self) -> ForeignLoad:
+        self._wall, self._own, self._busy = time.perf_counter(), time.process_time(), _cpu_busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, wall = _cpu_busy_seconds(), time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and wall > 0:
+            own = time.process_time() - self._own
+            self.cores = max(0.0, (busy - self._busy - own) / wall)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Latency
 

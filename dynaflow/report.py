@@ -15,6 +15,8 @@ from typing import Any
 from dynaflow.plots import plt
 from dynaflow.selection import latency_key, pareto_front, point_name
 
+BUSY_CORES = 0.25  # warn when other processes used more cores than this during a measurement
+
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 
@@ -143,6 +145,10 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             + (f", GPU {', '.join(m['cuda'])}" if m.get("cuda") else "")
             + f"; torch {m.get('torch', '?')}, onnxruntime {m.get('onnxruntime', '?')}."
         )
+        busy = entry.get("foreign_load_cores")
+        if busy is not None and busy > BUSY_CORES:
+            lines += ["", f"**Warning:** other processes kept {busy:.2f} cores busy during this measurement; "
+                      "its latencies are inflated. Measure on an idle machine."]  # fmt: skip
         sel = entry.get("selection") or {}
         lines += ["", f"**Selection:** {sel.get('message', 'none')}"]
         if entry.get("export"):

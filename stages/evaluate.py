@@ -44,7 +44,7 @@ from dynaflow.export import (
 )
 from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops
 from dynaflow.modeling import ElasticBertForSequenceClassification
-from dynaflow.report import RESULTS_FILE, write_report
+from dynaflow.report import BUSY_CORES, RESULTS_FILE, write_report
 from dynaflow.selection import fits, latency_key, point_name, select
 from dynaflow.tracking import NullTracker
 
@@ -202,6 +202,8 @@ def _profile_metrics(entry: dict[str, Any], stat: str) -> dict[str, Any]:
     if entry["status"] != "measured":
         return {"status": entry["status"], "note": entry["note"]}
     out: dict[str, Any] = {"status": "measured", "threads": entry["threads"]}
+    if entry.get("foreign_load_cores") is not None:
+        out["foreign_load_cores"] = entry["foreign_load_cores"]
     sel = entry["selection"]
     if sel["row"] is not None:
         r = sel["row"]
@@ -282,8 +284,15 @@ def run(
             if notes[profile.name]:
                 continue
             started = time.perf_counter()
-            entry["threads"], entry["rows"] = measure_profile(profile, grid, cfg, model.config)
+            with hardware.ForeignLoad() as load:
+                entry["threads"], entry["rows"] = measure_profile(profile, grid, cfg, model.config)
+            entry["foreign_load_cores"] = load.cores
             log.info("profile %r measured in %.1f s", profile.name, time.perf_counter() - started)
+            if load.cores is not None and load.cores > BUSY_CORES:
+                log.warning(
+                    "other processes kept %.2f cores busy while profile %r was measured: its latencies are "
+                    "inflated (measure on an idle machine)", load.cores, profile.name,
+                )  # fmt: skip
             selection = select(
                 entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
             )

@@ -381,6 +381,20 @@ def test_cli_report_merges_a_profile_measured_elsewhere(evaluated: Path, project
     assert [e["status"] for e in load_results([out])[0]["profiles"]] == ["measured"] * 3
 
 
+def test_report_warns_about_a_busy_machine(evaluated: Path, tmp_path: Path) -> None:
+    from dynaflow.report import write_report
+
+    results = load_results([evaluated])[0]
+    assert all("foreign_load_cores" in e for e in results["profiles"] if e["status"] == "measured")
+    results["profiles"][0]["foreign_load_cores"] = 1.5
+    results["profiles"][1]["foreign_load_cores"] = 0.0
+    report = write_report(results, tmp_path).read_text()
+    assert report.count("**Warning:** other processes kept") == 1 and "1.50 cores" in report
+    with hardware.ForeignLoad() as load:
+        sum(range(10_000))
+    assert load.cores is None or load.cores >= 0
+
+
 def test_cli_export_any_grid_point(project_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from dynaflow.cli import main
 
