@@ -3,7 +3,7 @@
 * ``export --width W --depth D [--onnx] [--out DIR]``: any sub-network of the trained model, checked
   against the elastic model, as a Hugging Face directory (plus ONNX) with a model card.
 * ``report [--results PATH ...] [--out DIR]``: rebuild the report from stored results, merging profiles
-  measured on other machines (``artifacts/evaluation-hw/*``).
+  measured on other machines (``artifacts/evaluation-hw/*``) and other methods' points (Theseus).
 * ``evaluate --profile NAME``: evaluate one hardware profile on this machine (what a Prefect worker on that
   hardware runs) into ``artifacts/evaluation-hw/NAME/``.
 """
@@ -99,31 +99,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_OUT = "reports/evaluation"  # the merged report (not a stage output: rebuilt from stored results)
+
+
 def default_results(root: Path) -> list[Path]:
-    """The local evaluation, then every profile measured by ``dynaflow evaluate --profile``."""
+    """The local evaluation, every profile measured by ``dynaflow evaluate --profile``, then Theseus's."""
     from dynaflow.report import RESULTS_FILE
     from stages.evaluate import HW_OUT, OUT
+    from stages.theseus_eval import OUT as THESEUS_OUT
 
     found = [root / OUT] if (root / OUT / RESULTS_FILE).is_file() else []
-    return found + sorted(p.parent for p in (root / HW_OUT).glob(f"*/{RESULTS_FILE}"))
+    found += sorted(p.parent for p in (root / HW_OUT).glob(f"*/{RESULTS_FILE}"))
+    return found + ([root / THESEUS_OUT] if (root / THESEUS_OUT / RESULTS_FILE).is_file() else [])
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def rebuild_report(root: Path, paths: list[Path] | None = None, out: Path | None = None) -> tuple[Path, str]:
+    """Merge stored results (default: :func:`default_results`) into one report; (report path, summary)."""
     from dynaflow.artifacts import atomic_write_json
     from dynaflow.report import RESULTS_FILE, load_results, merge_results, write_report
 
-    root = _root(args)
-    paths = [Path(p) for p in args.results] if args.results else default_results(root)
+    paths = paths if paths else default_results(root)
     if not paths:
         raise ConfigError("no evaluation results found; run `dynaflow stage evaluate` (or pass --results)")
     try:
         merged = merge_results(load_results(paths))
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
-    out = Path(args.out) if args.out else root / "reports" / "evaluation"
+    out = out or root / REPORT_OUT
     report = write_report(merged, out)
     atomic_write_json(out / RESULTS_FILE, merged)
-    print(f"report of {len(merged['profiles'])} profile(s) from {len(paths)} result set(s): {report}")
+    compared = f", compared with {', '.join(merged['compared'])}" if merged["compared"] else ""
+    return report, f"report of {len(merged['profiles'])} profile(s) from {len(paths)} result set(s){compared}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.results] if args.results else None
+    report, summary = rebuild_report(_root(args), paths, Path(args.out) if args.out else None)
+    print(f"{summary}: {report}")
     return 0
 
 
@@ -163,8 +175,8 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     p = sub.add_parser("report", help="rebuild the evaluation report from stored results")
     common(p)
     p.add_argument("--results", nargs="+", metavar="PATH",
-                   help="results.json files or directories holding one (default: artifacts/evaluation and "
-                   "artifacts/evaluation-hw/*)")  # fmt: skip
+                   help="results.json files or directories holding one (default: artifacts/evaluation, "
+                   "artifacts/evaluation-hw/* and artifacts/theseus-evaluation)")  # fmt: skip
     p.add_argument("--out", help="output directory (default: reports/evaluation)")
     p.set_defaults(func=cmd_report)
 

@@ -63,6 +63,11 @@ def pareto_plot(entry: dict[str, Any], metric_name: str, path: Path, budget_stat
     if chosen:
         ax.scatter([chosen[0]["latency_ms"]], [chosen[0]["metric"]], marker="*", s=260, color="tab:red",
                    zorder=4, label=f"selected ({chosen[0]['name']})")  # fmt: skip
+    for r in entry.get("comparison_rows") or []:  # other methods' models, beside the grid
+        ax.scatter([r["latency_median_ms"]], [r["metric"]], marker="D", s=60, color="tab:green", zorder=4,
+                   label=f"{r['method']} ({r['layers']} layers)")  # fmt: skip
+        ax.annotate(point_name(r), (r["latency_median_ms"], r["metric"]), fontsize=7, color="tab:green",
+                    xytext=(3, -10), textcoords="offset points")  # fmt: skip
     if profile.get("latency_ms") is not None:
         ax.axvline(profile["latency_ms"], color="tab:red", ls="--", lw=1,
                    label=f"budget ({budget_stat} ≤ {profile['latency_ms']:g} ms)")  # fmt: skip
@@ -86,28 +91,46 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def profile_table(entry: dict[str, Any], metric_name: str, budget_stat: str) -> list[str]:
+    """One line per sub-network, fastest first; other methods' models after them (off the front)."""
     rows = entry.get("rows") or []
     front = pareto_front(rows, "median")
     chosen = (entry.get("selection") or {}).get("row") or {}
+    others = entry.get("comparison_rows") or []
     lines = [
         f"| sub-network | width | depth | dev {metric_name} | latency median (ms) | p90 (ms) | seq/s "
         "| params (M) | GFLOPs/seq | file (MB) | peak mem (MiB) | Pareto | within budget |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
     ]
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["latency_median_ms"], -rows[i]["metric"]))
-    for i in order:
-        r = rows[i]
+    for i, r in [(i, rows[i]) for i in order] + [(None, r) for r in others]:
         name = point_name(r)
-        if chosen and (r["width"], r["depth"]) == (chosen["width"], chosen["depth"]):
+        if i is not None and chosen and point_name(chosen) == name:
             name = f"**{name}** ★"
         within = {True: "yes", False: "no", None: "–"}[r.get("fits")]
         cells = [
             name, f"{r['width']:g}", f"{r['depth']:g}", f"{r['metric']:.4f}", f"{r['latency_median_ms']:.3f}",
             f"{r['latency_p90_ms']:.3f}", _fmt(r.get("sequences_per_s"), ".1f"), f"{r['params'] / 1e6:.2f}",
             f"{r['gflops_per_seq']:.3f}", _fmt(r.get("file_mb"), ".1f"), _fmt(r.get("memory_mb"), ".1f"),
-            "●" if front[i] else "", within,
+            "–" if i is None else "●" if front[i] else "", within,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def equal_depth_table(entry: dict[str, Any], metric_name: str) -> list[str]:
+    """Each other method's model next to the DynaBERT sub-networks with as many layers."""
+    lines = [
+        f"| model | layers | width | dev {metric_name} | latency median (ms) | p90 (ms) | params (M) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for other in entry.get("comparison_rows") or []:
+        peers = sorted((r for r in entry.get("rows") or [] if r["layers"] == other["layers"]),
+                       key=lambda r: -r["width"])  # fmt: skip
+        for r in [other, *peers]:
+            lines.append(
+                f"| {point_name(r)} | {r['layers']} | {r['width']:g} | {r['metric']:.4f} | "
+                f"{r['latency_median_ms']:.3f} | {r['latency_p90_ms']:.3f} | {r['params'] / 1e6:.2f} |"
+            )
     return lines
 
 
@@ -157,6 +180,9 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         pareto_plot(entry, metric_name, out_dir / plot_file(p["name"]), stat)
         lines += profile_table(entry, metric_name, stat)
         lines.append("")
+        if entry.get("comparison_rows"):
+            lines += ["Other methods beside the DynaBERT sub-networks of equal depth (same protocol):", ""]
+            lines += [*equal_depth_table(entry, metric_name), ""]
     return "\n".join(lines)
 
 
@@ -185,13 +211,15 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One result set from several (e.g. the local run plus profiles measured on other machines).
 
     Profiles are matched by name: a measured entry replaces a skipped one, and a later measured entry an
-    earlier one. Grid, task and protocol come from the first result.
+    earlier one. Grid, task and protocol come from the first DynaBERT result. Results of other methods
+    (``method``, e.g. ``theseus``) add their rows to the same profile's ``comparison_rows``.
     """
     if not results:
         raise ValueError("no results to merge")
-    merged = dict(results[0])
+    grids = [r for r in results if r.get("method", "dynabert") == "dynabert"]
+    merged = dict(grids[0] if grids else results[0])
     profiles: dict[str, dict[str, Any]] = {}
-    for result in results:
+    for result in grids:
         for entry in result.get("profiles", []):
             name = entry["profile"]["name"]
             if (
@@ -200,5 +228,15 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 or profiles[name]["status"] != "measured"
             ):
                 profiles[name] = entry
+    for result in results:
+        if result.get("method", "dynabert") == "dynabert":
+            continue
+        for entry in result.get("profiles", []):
+            name = entry["profile"]["name"]
+            if entry["status"] != "measured":
+                continue
+            base = profiles.setdefault(name, dict(entry, rows=[], selection=None, export=None))
+            base["comparison_rows"] = [*(base.get("comparison_rows") or []), *entry["rows"]]
     merged["profiles"] = list(profiles.values())
+    merged["compared"] = sorted({r.get("method", "dynabert") for r in results} - {"dynabert"})
     return merged

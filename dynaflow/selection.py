@@ -27,7 +27,14 @@ def _metric(row: Row) -> float:
 
 
 def point_name(row: Row) -> str:
-    """``w0.5_d0.75``: the key the distillation stages' ``grid.json`` uses for a sub-network."""
+    """``w0.5_d0.75``: the key the distillation stages' ``grid.json`` uses for a sub-network.
+
+    A row of another method (``method`` other than ``dynabert``, e.g. a Theseus successor) is named by the
+    method and its layer count: ``theseus_L3``.
+    """
+    method = row.get("method", "dynabert")
+    if method != "dynabert":
+        return f"{method}_L{row['layers']}"
     return f"w{float(row['width'])}_d{float(row['depth'])}"
 
 

@@ -1,4 +1,4 @@
-"""BERT-of-Theseus as a second Prefect flow: data → teacher → theseus.
+"""BERT-of-Theseus as a second Prefect flow: data → teacher → theseus → theseus_eval.
 
 It runs the DynaBERT flow's body (:func:`flows.pipeline.pipeline`) with the Theseus stage list, so it has the
 same cached stage task, cache rules and MLflow parent and child runs (the parent tagged ``flow=theseus``).

@@ -153,6 +153,14 @@ def _run_evaluate(
     )  # fmt: skip
 
 
+def _run_theseus_eval(
+    params: Params, layout: Layout, out: Path, key: str, tracker: NullTracker
+) -> dict[str, Any]:
+    from stages import theseus_eval
+
+    return theseus_eval.run(params.evaluate, layout.out("theseus"), layout.out("data"), out, tracker)
+
+
 def _machine(params: Params) -> list[Path]:
     from dynaflow.hardware import machine_file
 
@@ -166,6 +174,9 @@ def _data_inputs(params: Params) -> list[Path]:
 
 
 _COMMON = ("dynaflow.config", "dynaflow.artifacts", "dynaflow.data")
+_EVALUATE = ("stages.evaluate", "dynaflow.hardware", "dynaflow.export", "dynaflow.selection",
+             "dynaflow.report", "dynaflow.extract", "dynaflow.modeling", "dynaflow.evaluate",
+             "dynaflow.metrics", "dynaflow.plots", *_COMMON)  # fmt: skip
 _DISTILL = ("stages.distill", "dynaflow.distill", "dynaflow.train", "dynaflow.distributed",
             "dynaflow.modeling", "dynaflow.evaluate", "dynaflow.metrics", "dynaflow.plots",
             *_COMMON)  # fmt: skip
@@ -245,9 +256,7 @@ STAGES: dict[str, Stage] = {
             out="artifacts/evaluation",
             sections=("evaluate", "widths", "depths"),
             upstream=("data", "depth_kd"),
-            modules=("stages.evaluate", "dynaflow.hardware", "dynaflow.export", "dynaflow.selection",
-                     "dynaflow.report", "dynaflow.extract", "dynaflow.modeling", "dynaflow.evaluate",
-                     "dynaflow.metrics", "dynaflow.plots", *_COMMON),  # fmt: skip
+            modules=_EVALUATE,
             execute=_run_evaluate,
             external=_machine,
         ),
@@ -265,6 +274,16 @@ STAGES: dict[str, Stage] = {
                 *_COMMON,
             ),
             execute=_run_theseus,
+            flow="theseus",
+        ),
+        Stage(
+            name="theseus_eval",
+            out="artifacts/theseus-evaluation",
+            sections=("evaluate",),
+            upstream=("data", "theseus"),
+            modules=("stages.theseus_eval", *_EVALUATE),
+            execute=_run_theseus_eval,
+            external=_machine,
             flow="theseus",
         ),
     ]

@@ -74,10 +74,19 @@ class GridPoint:
     intermediate: int
     hf_bytes: int  # model.safetensors of the extracted sub-network
     onnx_path: Path | None
+    method: str = "dynabert"  # another compression method's model measured beside the grid (theseus)
+    flops_grid: tuple[float, float] | None = None  # multipliers FLOPs are counted at (default: width, depth)
 
     @property
     def key(self) -> str:
-        return point_name({"width": self.width, "depth": self.depth})
+        return point_name(self.row_id())
+
+    def row_id(self) -> dict[str, Any]:
+        return {"width": self.width, "depth": self.depth, "method": self.method, "layers": self.layers}
+
+    def gflops(self, config: Any, seq_len: int) -> float:
+        width, depth = self.flops_grid or (self.width, self.depth)
+        return subnetwork_flops(config, width, depth, seq_len) / 1e9
 
 
 def _check_profiles(profiles: Sequence[HardwareProfile], model: ElasticBertForSequenceClassification) -> None:
@@ -171,15 +180,13 @@ def measure_profile(
             p.onnx_path.stat().st_size if profile.runtime == "onnxruntime" and p.onnx_path else p.hf_bytes
         )
         row: dict[str, Any] = {
-            "width": p.width,
-            "depth": p.depth,
-            "layers": p.layers,
+            **p.row_id(),
             "heads": p.heads,
             "intermediate": p.intermediate,
             "metric": p.scores["score"],
             "metrics": p.scores,
             "params": p.params,
-            "gflops_per_seq": subnetwork_flops(config, p.width, p.depth, profile.seq_len) / 1e9,
+            "gflops_per_seq": p.gflops(config, profile.seq_len),
             "file_mb": file_bytes / 1e6,
             "memory_mb": memory[p.key],
             "latency_median_ms": s.median_ms,
@@ -230,6 +237,109 @@ def _profile_metrics(entry: dict[str, Any], stat: str) -> dict[str, Any]:
     return out
 
 
+def measure_entries(
+    profiles: Sequence[HardwareProfile],
+    notes: dict[str, str | None],
+    grid: Sequence[GridPoint],
+    cfg: EvaluateConfig,
+    config: Any,
+    machine: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One results entry per profile: measured here, or skipped with its note (device absent)."""
+    entries: list[dict[str, Any]] = []
+    for profile in profiles:
+        entry: dict[str, Any] = {
+            "profile": profile.model_dump(mode="json"),
+            "machine": machine,
+            "status": "skipped" if notes[profile.name] else "measured",
+            "note": notes[profile.name],
+            "threads": None,
+            "rows": [],
+            "selection": None,
+            "export": None,
+        }
+        entries.append(entry)
+        if notes[profile.name]:
+            continue
+        started = time.perf_counter()
+        with hardware.ForeignLoad() as load:
+            entry["threads"], entry["rows"] = measure_profile(profile, grid, cfg, config)
+        entry["foreign_load_cores"] = load.cores
+        log.info("profile %r measured in %.1f s", profile.name, time.perf_counter() - started)
+        if load.cores is not None and load.cores > BUSY_CORES:
+            log.warning(
+                "other processes kept %.2f cores busy while profile %r was measured: its latencies are "
+                "inflated (measure on an idle machine)", load.cores, profile.name,
+            )  # fmt: skip
+    return entries
+
+
+def profile_notes(profiles: Sequence[HardwareProfile]) -> dict[str, str | None]:
+    """Why each profile cannot be measured on this machine (None: it can); the skips are logged."""
+    notes = {p.name: hardware.unavailable(p) for p in profiles}
+    for name, note in notes.items():
+        if note:
+            log.warning("hardware profile %r skipped: %s", name, note)
+    return notes
+
+
+def results_document(
+    method: str,
+    task: str,
+    metric_name: str,
+    model_dir: Path,
+    cfg: EvaluateConfig,
+    machine: dict[str, Any],
+    entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """``results.json``: what ``dynaflow report`` renders (and merges with other methods' results)."""
+    return {
+        "version": 1,
+        "method": method,
+        "task": task,
+        "main_metric": metric_name,
+        "model": str(model_dir),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "protocol": {
+            "warmup": cfg.warmup,
+            "repeats": cfg.repeats,
+            "budget_stat": cfg.budget_stat,
+            "latency": "inference mode, eval, float32, synthetic full-length batches, interleaved rounds",
+            "memory": MEMORY_METHOD,
+        },
+        "machine": machine,
+        "profiles": entries,
+    }
+
+
+def flat_metrics(entries: Sequence[dict[str, Any]], metric_name: str) -> dict[str, Any]:
+    """Counts, each point's dev metric (once) and its latency and memory per profile, as flat keys."""
+    metrics: dict[str, Any] = {
+        "profiles_measured": sum(e["status"] == "measured" for e in entries),
+        "profiles_skipped": sum(e["status"] != "measured" for e in entries),
+    }
+    for entry in entries:  # the dev metric is the same for every profile: the first measured one gives it
+        for r in entry["rows"]:
+            metrics.setdefault(f"grid.{point_name(r)}.{metric_name}", r["metric"])
+    for entry in entries:
+        name = entry["profile"]["name"]
+        for r in entry["rows"]:
+            key = f"{name}.{point_name(r)}"
+            metrics[f"{key}.latency_median_ms"] = r["latency_median_ms"]
+            metrics[f"{key}.latency_p90_ms"] = r["latency_p90_ms"]
+            if r["memory_mb"] is not None:
+                metrics[f"{key}.memory_mb"] = r["memory_mb"]
+    return metrics
+
+
+def log_results(tracker: NullTracker, metrics: dict[str, Any], out_dir: Path, report: Path) -> None:
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)})
+    tracker.log_artifact(out_dir / RESULTS_FILE, "evaluation")
+    tracker.log_artifact(report, "evaluation")
+    for png in sorted(out_dir.glob("pareto_*.png")):
+        tracker.log_artifact(png, "evaluation")
+
+
 def run(
     cfg: EvaluateConfig,
     widths: Sequence[float],
@@ -255,10 +365,7 @@ def run(
     model = load_elastic(model_dir).eval()
     profiles = list(cfg.profiles) if only is None else [cfg.profile(n) for n in only]
     _check_profiles(profiles, model)
-    notes = {p.name: hardware.unavailable(p) for p in profiles}
-    for name, note in notes.items():
-        if note:
-            log.warning("hardware profile %r skipped: %s", name, note)
+    notes = profile_notes(profiles)
     measured = [p for p in profiles if notes[p.name] is None]
     machine = hardware.machine_info()
     check_batch = reference_batch(data_dir, model.config.vocab_size)
@@ -268,31 +375,10 @@ def run(
             model, widths, depths, task, dev, cfg, Path(work),
             onnx=any(p.runtime == "onnxruntime" for p in measured), check_batch=check_batch,
         )  # fmt: skip
-        entries: list[dict[str, Any]] = []
-        for profile in profiles:
-            entry: dict[str, Any] = {
-                "profile": profile.model_dump(mode="json"),
-                "machine": machine,
-                "status": "skipped" if notes[profile.name] else "measured",
-                "note": notes[profile.name],
-                "threads": None,
-                "rows": [],
-                "selection": None,
-                "export": None,
-            }
-            entries.append(entry)
-            if notes[profile.name]:
+        entries = measure_entries(profiles, notes, grid, cfg, model.config, machine)
+        for profile, entry in zip(profiles, entries, strict=True):
+            if entry["status"] != "measured":
                 continue
-            started = time.perf_counter()
-            with hardware.ForeignLoad() as load:
-                entry["threads"], entry["rows"] = measure_profile(profile, grid, cfg, model.config)
-            entry["foreign_load_cores"] = load.cores
-            log.info("profile %r measured in %.1f s", profile.name, time.perf_counter() - started)
-            if load.cores is not None and load.cores > BUSY_CORES:
-                log.warning(
-                    "other processes kept %.2f cores busy while profile %r was measured: its latencies are "
-                    "inflated (measure on an idle machine)", load.cores, profile.name,
-                )  # fmt: skip
             selection = select(
                 entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
             )
@@ -319,44 +405,15 @@ def run(
                 entry["export"] = str(published_as / target)
         del grid
 
-    results = {
-        "version": 1,
-        "task": task,
-        "main_metric": metric_name,
-        "model": str(model_dir),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "widths": list(widths),
-        "depths": list(depths),
-        "protocol": {
-            "warmup": cfg.warmup,
-            "repeats": cfg.repeats,
-            "budget_stat": cfg.budget_stat,
-            "latency": "inference mode, eval, float32, synthetic full-length batches, interleaved rounds",
-            "memory": MEMORY_METHOD,
-        },
-        "machine": machine,
-        "profiles": entries,
-    }
+    results = results_document("dynabert", task, metric_name, model_dir, cfg, machine, entries)
+    results |= {"widths": list(widths), "depths": list(depths)}
     atomic_write_json(out_dir / RESULTS_FILE, results)
     report = write_report(results, out_dir)
 
     stat = cfg.budget_stat
-    metrics: dict[str, Any] = {
-        "profiles_measured": sum(e["status"] == "measured" for e in entries),
-        "profiles_skipped": sum(e["status"] != "measured" for e in entries),
-    }
-    # Grid scores (the same for every profile): from the first measured profile's rows.
-    for entry in entries:
-        for r in entry["rows"]:
-            metrics.setdefault(f"grid.{point_name(r)}.{metric_name}", r["metric"])
+    metrics = flat_metrics(entries, metric_name)
     for entry in entries:
         name = entry["profile"]["name"]
-        for r in entry["rows"]:
-            key = f"{name}.{point_name(r)}"
-            metrics[f"{key}.latency_median_ms"] = r["latency_median_ms"]
-            metrics[f"{key}.latency_p90_ms"] = r["latency_p90_ms"]
-            if r["memory_mb"] is not None:
-                metrics[f"{key}.memory_mb"] = r["memory_mb"]
         sel = entry["selection"] or {}
         if sel.get("row"):
             r = sel["row"]
@@ -366,11 +423,7 @@ def run(
                 f"{name}.selected.{metric_name}": r["metric"],
                 f"{name}.selected.latency_{stat}_ms": r[latency_key(stat)],
             }
-    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)})
-    tracker.log_artifact(out_dir / RESULTS_FILE, "evaluation")
-    tracker.log_artifact(report, "evaluation")
-    for png in sorted(out_dir.glob("pareto_*.png")):
-        tracker.log_artifact(png, "evaluation")
+    log_results(tracker, metrics, out_dir, report)
     for card in sorted(out_dir.glob("exports/*/README.md")):
         tracker.log_artifact(card, f"evaluation/exports/{card.parent.name}")
     if metrics_dir is not None:

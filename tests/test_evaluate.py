@@ -381,6 +381,57 @@ def test_cli_report_merges_a_profile_measured_elsewhere(evaluated: Path, project
     assert [e["status"] for e in load_results([out])[0]["profiles"]] == ["measured"] * 3
 
 
+@pytest.fixture(scope="module")
+def theseus_evaluated(project_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The theseus_eval stage on a 1-layer plain BERT standing in for the successor of the 2-layer model."""
+    from stages import Layout, run_stage
+
+    config = BertConfig.from_pretrained(project_root / "artifacts" / "dynabert")
+    teacher_layers = config.num_hidden_layers
+    config.num_hidden_layers = teacher_layers // 2
+    successor_dir = project_root / "artifacts" / "theseus"
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(successor_dir)
+    (successor_dir / "metrics.json").write_text(json.dumps({"predecessor_layers": teacher_layers}))
+    write_manifest(successor_dir, "test")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hardware.torch.cuda, "is_available", lambda: False)
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        run_stage("theseus_eval", load_params(project_root / "params.yaml"), Layout(project_root))
+    return project_root / "artifacts" / "theseus-evaluation"
+
+
+def test_theseus_points_join_the_report_beside_equal_depth(
+    evaluated: Path, theseus_evaluated: Path, project_root: Path, tmp_path: Path
+) -> None:
+    from dynaflow.evalcli import rebuild_report
+
+    results = load_results([theseus_evaluated])[0]
+    assert results["method"] == "theseus"
+    assert [e["status"] for e in results["profiles"]] == ["measured", "measured", "skipped"]
+    for entry in results["profiles"][:2]:
+        (r,) = entry["rows"]
+        assert (r["method"], r["layers"], r["depth"], r["width"]) == ("theseus", 1, 0.5, 1.0)
+        assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and point_name(r) == "theseus_L1"
+    grid_rows = {point_name(r): r for r in load_results([evaluated])[0]["profiles"][0]["rows"]}
+    # a plain 1-layer BERT has the size of the DynaBERT sub-network at full width, half depth
+    assert results["profiles"][0]["rows"][0]["params"] == grid_rows["w1.0_d0.5"]["params"]
+
+    report, note = rebuild_report(project_root, out=tmp_path / "report")
+    assert "compared with theseus" in note
+    merged = load_results([tmp_path / "report"])[0]
+    text = report.read_text()
+    for entry in merged["profiles"][:2]:
+        assert [point_name(r) for r in entry["comparison_rows"]] == ["theseus_L1"]
+        assert len(entry["rows"]) == 4  # the DynaBERT grid, unchanged: Theseus is not selectable
+        assert entry["selection"] == load_results([evaluated])[0]["profiles"][merged["profiles"].index(entry)][
+            "selection"
+        ]
+    assert text.count("| theseus_L1 | 1 | 1 | ") == 2  # the equal-depth table, once per measured profile
+    assert text.count("| w1.0_d0.5 | 1 | 1 | ") == 2 and text.count("| w0.5_d0.5 | 1 | 0.5 | ") == 2
+    assert "| w1.0_d1.0 | 2 |" not in text  # only equal depths beside it
+
+
 def test_report_warns_about_a_busy_machine(evaluated: Path, tmp_path: Path) -> None:
     from dynaflow.report import write_report
 

@@ -187,7 +187,7 @@ def test_stage_end_to_end(project: Path) -> None:
     """data -> teacher -> theseus through the runner: output, metrics, replacing rate per step in tracking."""
     params = load_params(project / "params.yaml", ["theseus.batch_size=8", "theseus.learning_rate=1e-3"])
     layout = Layout(project)
-    assert flow_stages("theseus") == ["data", "teacher", "theseus"]
+    assert flow_stages("theseus") == ["data", "teacher", "theseus", "theseus_eval"]
     assert "theseus" not in flow_stages("dynaflow")
     for name in ("data", "teacher"):
         run_stage(name, params, layout)
@@ -265,10 +265,13 @@ def test_theseus_flow_shares_cached_stages_with_dynaflow(
     def statuses(results: dict) -> str:
         return " ".join(f"{name}:{r['status']}" for name, r in results.items())
 
-    assert statuses(theseus(params_path=params_path)) == "data:ran teacher:ran theseus:ran"
-    assert statuses(theseus(params_path=params_path)) == "data:cached teacher:cached theseus:cached"
+    assert statuses(theseus(params_path=params_path)) == "data:ran teacher:ran theseus:ran theseus_eval:ran"
+    cached = "data:cached teacher:cached theseus:cached theseus_eval:cached"
+    assert statuses(theseus(params_path=params_path)) == cached
     changed = theseus(params_path=params_path, overrides=["theseus.replacing_rate=0.5"])
-    assert statuses(changed) == "data:cached teacher:cached theseus:ran"
+    assert statuses(changed) == "data:cached teacher:cached theseus:ran theseus_eval:ran"
+    # the flow ends with the merged report: here the Theseus point alone (no DynaBERT evaluation yet)
+    assert "theseus_L1" in (project / "reports" / "evaluation" / "report.md").read_text()
     # The DynaBERT flow reuses the same data and teacher outputs, and does not run theseus.
     assert statuses(pipeline(params_path=params_path, until="teacher")) == "data:cached teacher:cached"
 
@@ -292,4 +295,4 @@ def test_cli_checks_the_ratio_before_starting_prefect(project: Path, capsys: pyt
     assert "theseus.compress_ratio = 4 does not divide the predecessor's 2 layers" in capsys.readouterr().err
     assert main(["status", "--flow", "theseus", "--params", str(project / "params.yaml")]) == 1
     shown = capsys.readouterr().out
-    assert [line.split()[0] for line in shown.splitlines()] == ["data", "teacher", "theseus"]
+    assert [line.split()[0] for line in shown.splitlines()] == ["data", "teacher", "theseus", "theseus_eval"]
