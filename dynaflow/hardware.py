@@ -153,16 +153,17 @@ class ForeignLoad:
     """
 
     cores: float | None = None
+    wall_s: float = 0.0  # the block's wall time
 
     def __enter__(self) -> ForeignLoad:
         self._wall, self._own, self._busy = time.perf_counter(), time.process_time(), _cpu_busy_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy, wall = _cpu_busy_seconds(), time.perf_counter() - self._wall
-        if busy is not None and self._busy is not None and wall > 0:
+        busy, self.wall_s = _cpu_busy_seconds(), time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and self.wall_s > 0:
             own = time.process_time() - self._own
-            self.cores = max(0.0, (busy - self._busy - own) / wall)
+            self.cores = max(0.0, (busy - self._busy - own) / self.wall_s)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every: int = 10
+
+    @classmethod
+    def from_section(cls, section: Any, seed: int, **changes: Any) -> TrainConfig:
+        """From a params.yaml training section (``teacher``, ``width_kd``, ...): the fields it shares."""
+        shared = {f.name: getattr(section, f.name) for f in fields(cls) if hasattr(section, f.name)}
+        return cls(**shared | {"seed": seed} | changes)
 
 
 @dataclass

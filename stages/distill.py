@@ -110,11 +110,7 @@ def run(
             return {}  # nothing to select, or just evaluated at this very step
         return select(at_step)
 
-    train_cfg = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=seed,
-        warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        checkpoint_steps=cfg.checkpoint_steps,
-    )  # fmt: skip
+    train_cfg = TrainConfig.from_section(cfg, seed)
     result = fit(
         student, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
         tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,
@@ -128,10 +124,10 @@ def run(
 
     finetune_epochs = getattr(cfg, "final_finetune_epochs", 0)
     if finetune_epochs:
-        finetune_cfg = TrainConfig(
-            epochs=finetune_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=seed,
-            max_grad_norm=cfg.max_grad_norm,
-        )  # fmt: skip
+        # the short label phase: no warm-up, weight decay or mid-epoch checkpoints
+        finetune_cfg = TrainConfig.from_section(
+            cfg, seed, epochs=finetune_epochs, warmup_ratio=0.0, weight_decay=0.0, checkpoint_steps=0
+        )
         fit(
             student, train, make_label_step(student, grid, regression), finetune_cfg,
             checkpoint=work_dir / "finetune.pt", fingerprint=fingerprint, tracker=tracker,

@@ -60,16 +60,7 @@ def run(
         log.info("teacher epoch %d dev: %s", epoch, metrics)
         return {f"dev.{k}": v for k, v in metrics.items()}
 
-    train_cfg = TrainConfig(
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        seed=seed,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        checkpoint_steps=cfg.checkpoint_steps,
-    )
+    train_cfg = TrainConfig.from_section(cfg, seed)
     result = fit(
         model,
         train,

@@ -104,11 +104,7 @@ def run(
         log.info("theseus epoch %d (successor) dev: %s", epoch, metrics)
         return {f"dev.{k}": v for k, v in metrics.items()}
 
-    train_cfg = TrainConfig(
-        epochs=cfg.epochs + cfg.finetune_epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-        seed=seed, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, checkpoint_steps=cfg.checkpoint_steps,
-    )  # fmt: skip
+    train_cfg = TrainConfig.from_section(cfg, seed, epochs=cfg.epochs + cfg.finetune_epochs)
     result = fit(
         model, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
         tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,

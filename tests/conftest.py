@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers import BertConfig, BertForSequenceClassification
+
+from dynaflow.modeling import ElasticBertForSequenceClassification
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -16,6 +21,41 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dynaflow-test-prefect-")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(os.environ["PREFECT_HOME"], "results")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+# A random BERT small enough for exact, fast checks of the model code (3 layers, 4 heads, FFN 48).
+TINY_BERT = dict(
+    vocab_size=97,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=40,
+)
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the CPU.
+
+    Use per module: ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_elastic(seed: int = 0, **overrides: object) -> ElasticBertForSequenceClassification:
+    """A random tiny elastic BERT (``TINY_BERT`` with ``overrides``), eval mode.
+
+    Initialised with std 0.2 instead of BERT's 0.02, so that sub-networks and importance scores of the random
+    network differ visibly.
+    """
+    torch.manual_seed(seed)
+    cfg = BertConfig(**{**TINY_BERT, **overrides})
+    cfg.initializer_range = 0.2
+    return ElasticBertForSequenceClassification.from_bert(BertForSequenceClassification(cfg)).eval()
+
 
 WORDS = (
     "the a an movie film is was good bad great awful fun boring love hate best worst story acting "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,26 +30,18 @@ from dynaflow.modeling import ElasticBertForSequenceClassification
 from dynaflow.report import load_results, plot_points
 from dynaflow.selection import pareto_front, point_name, select
 from dynaflow.tracking import NullTracker
-from tests.conftest import tiny_params, write_sst2
+from tests.conftest import tiny_elastic, tiny_params, write_sst2
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(vocab_size=60, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
               max_position_embeddings=64, num_labels=2)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_elastic(seed: int = 0) -> ElasticBertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(**CONFIG)
-    cfg.initializer_range = 0.2  # visible differences between sub-networks
-    return ElasticBertForSequenceClassification.from_bert(BertForSequenceClassification(cfg)).eval()
+def tiny_model(seed: int = 0) -> ElasticBertForSequenceClassification:
+    return tiny_elastic(seed, **CONFIG)
 
 
 def padded_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -68,7 +59,7 @@ def padded_batch(batch: int, seq: int, seed: int = 1) -> dict[str, torch.Tensor]
 
 
 def test_latency_statistics_are_sane_on_a_tiny_model() -> None:
-    sub = extract_subnetwork(tiny_elastic(), 0.5, 0.5).eval()
+    sub = extract_subnetwork(tiny_model(), 0.5, 0.5).eval()
     run = hardware.torch_runner(sub, hardware.synthetic_inputs(CONFIG["vocab_size"], 2, 16))
     stats = hardware.measure_latency(run, warmup=2, repeats=9)
     assert stats.repeats == 9
@@ -182,7 +173,7 @@ def test_pareto_front() -> None:
 
 
 def test_onnx_logits_match_pytorch_on_an_extracted_subnetwork(tmp_path: Path) -> None:
-    elastic = tiny_elastic()
+    elastic = tiny_model()
     sub = extract_subnetwork(elastic, 0.5, 0.75).eval()
     path = export_onnx(sub, tmp_path / "model.onnx")
     assert not sub.training  # exporting does not leave the model in training mode
@@ -421,12 +412,11 @@ def test_theseus_points_join_the_report_beside_equal_depth(
     assert "compared with theseus" in note
     merged = load_results([tmp_path / "report"])[0]
     text = report.read_text()
-    for entry in merged["profiles"][:2]:
+    grid_entries = load_results([evaluated])[0]["profiles"]
+    for entry, grid_entry in zip(merged["profiles"][:2], grid_entries, strict=False):
         assert [point_name(r) for r in entry["comparison_rows"]] == ["theseus_L1"]
-        assert len(entry["rows"]) == 4  # the DynaBERT grid, unchanged: Theseus is not selectable
-        assert entry["selection"] == load_results([evaluated])[0]["profiles"][merged["profiles"].index(entry)][
-            "selection"
-        ]
+        assert entry["rows"] == grid_entry["rows"]  # the DynaBERT grid, unchanged
+        assert entry["selection"] == grid_entry["selection"]  # Theseus is not a candidate for selection
     assert text.count("| theseus_L1 | 1 | 1 | ") == 2  # the equal-depth table, once per measured profile
     assert text.count("| w1.0_d0.5 | 1 | 1 | ") == 2 and text.count("| w0.5_d0.5 | 1 | 0.5 | ") == 2
     assert "| w1.0_d1.0 | 2 |" not in text  # only equal depths beside it
@@ -547,3 +537,47 @@ def test_prefect_yaml_deploys_the_one_profile_flow(monkeypatch: pytest.MonkeyPat
         assert d["work_pool"]["name"] == ("dynaflow-gpu" if profile.device == "cuda" else "dynaflow-cpu")
         deployed[profile.name] = d["name"]
     assert set(deployed) == set(profiles)  # one deployment per profile
+
+
+@pytest.mark.slow
+def test_a_process_worker_runs_the_profile_deployment_from_prefect_yaml(
+    project_root: Path, tmp_path: Path
+) -> None:
+    """prefect.yaml as a user deploys it: a process pool, `prefect deploy --all`, a worker, a flow run."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    bin_dir = Path(sys.executable).parent
+
+    def prefect(*args: str, timeout: int = 300) -> str:
+        done = subprocess.run([str(bin_dir / "prefect"), "--no-prompt", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    with prefect_test_harness(server_startup_timeout=90):
+        env = {
+            **os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "DYNAFLOW_PROJECT": str(ROOT),
+            "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        }  # fmt: skip
+        prefect("work-pool", "create", "dynaflow-cpu", "--type", "process")
+        prefect("deploy", "--all", timeout=600)
+        out = project_root / "artifacts" / "evaluation-hw" / "cpu_all"
+        scheduled = run_deployment(
+            "dynaflow-evaluate/evaluate-cpu_all", timeout=0,
+            parameters={"params_path": str(project_root / "params.yaml"), "track": False},
+        )  # fmt: skip
+        assert not out.exists()
+        prefect("worker", "start", "--pool", "dynaflow-cpu", "--run-once", timeout=600)
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(scheduled.id).state
+        assert state is not None and state.is_completed(), state
+    entries = load_results([out])[0]["profiles"]
+    assert [(e["profile"]["name"], e["status"]) for e in entries] == [("cpu_all", "measured")]
+    assert len(entries[0]["rows"]) == 4 and (out / "manifest.json").is_file()

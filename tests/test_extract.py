@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops, subnetwork_params
 from dynaflow.modeling import ElasticBertForSequenceClassification
+from tests.conftest import tiny_elastic
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 DEPTHS = (1.0, 0.75, 0.5)
@@ -29,20 +30,11 @@ BERT_BASE_TABLE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(seed: int = 0) -> ElasticBertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(**TINY, num_labels=3)
-    cfg.initializer_range = 0.2  # visible differences between sub-networks
-    return ElasticBertForSequenceClassification.from_bert(BertForSequenceClassification(cfg)).eval()
+    return tiny_elastic(seed, **TINY, num_labels=3)
 
 
 def random_inputs(vocab: int, batch: int = 3, seq: int = 12) -> dict[str, torch.Tensor]:

@@ -4,36 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from dynaflow.importance import compute_importance, rewire_
 from dynaflow.modeling import ElasticBertForSequenceClassification
+from tests.conftest import tiny_elastic
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=40,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0, **overrides: object) -> ElasticBertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(**{**TINY, **overrides})
-    # A larger init than BERT's 0.02 gives the random network non-trivial, well separated importance scores.
-    cfg.initializer_range = 0.2
-    return ElasticBertForSequenceClassification.from_bert(BertForSequenceClassification(cfg)).eval()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_batches(vocab: int, n: int = 3, batch: int = 8, seq: int = 16, seed: int = 0) -> list[dict]:
@@ -81,7 +57,7 @@ def check_rewire(model: ElasticBertForSequenceClassification, batches: list[dict
 
 
 def test_rewire_preserves_function_and_sorts_importance_random_bert() -> None:
-    model = tiny_model()
+    model = tiny_elastic()
     check_rewire(model, make_batches(model.config.vocab_size))
 
 
@@ -91,7 +67,7 @@ def test_rewire_preserves_function_and_sorts_importance_minilm(minilm) -> None:
 
 def test_cumulative_quirk_and_per_batch_mode() -> None:
     """Official code never zeroes grads: with the same batch twice, scores are |g| + |2g| = 3|g| (vs 2|g|)."""
-    model = tiny_model()
+    model = tiny_elastic()
     batch = make_batches(model.config.vocab_size, n=1)[0]
     h1, n1 = compute_importance(model, [batch], progress=False)
     hc, nc = compute_importance(model, [batch, batch], cumulative_grad=True, progress=False)
@@ -104,7 +80,7 @@ def test_cumulative_quirk_and_per_batch_mode() -> None:
 
 def test_importance_is_first_order_taylor_score() -> None:
     """Check both scores against finite differences of the loss (float64), independent of autograd."""
-    model = tiny_model().double()
+    model = tiny_elastic().double()
     batch = make_batches(model.config.vocab_size, n=1)[0]
     heads, neurons = compute_importance(model, [batch], progress=False)
     layer_i, head_i, neuron_i, eps = 1, 2, 5, 1e-6
@@ -113,7 +89,7 @@ def test_importance_is_first_order_taylor_score() -> None:
     def loss(head_scale: float = 1.0, in_scale: float = 1.0, out_scale: float = 1.0) -> float:
         hm = torch.ones(cfg.num_hidden_layers, cfg.num_attention_heads, dtype=torch.float64)
         hm[layer_i, head_i] = head_scale
-        m = tiny_model().double()
+        m = tiny_elastic().double()
         layer = m.bert.encoder.layer[layer_i]
         with torch.no_grad():
             layer.intermediate.dense.weight[neuron_i] *= in_scale
@@ -129,7 +105,7 @@ def test_importance_is_first_order_taylor_score() -> None:
 
 
 def test_compute_importance_leaves_model_state_alone() -> None:
-    model = tiny_model().train()
+    model = tiny_elastic().train()
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     compute_importance(model, make_batches(model.config.vocab_size, n=1), progress=False)
     assert model.training
@@ -140,7 +116,7 @@ def test_compute_importance_leaves_model_state_alone() -> None:
 
 @torch.no_grad()
 def test_rewire_moves_whole_heads_and_neurons() -> None:
-    model = tiny_model()
+    model = tiny_elastic()
     d = model.config.attention_head_size
     layer = model.bert.encoder.layer[0]
     q_old = layer.attention.self.query.weight.clone()

@@ -17,24 +17,9 @@ from dynaflow.modeling import (
     width_heads,
     width_intermediate,
 )
+from tests.conftest import TINY_BERT as TINY
 
-TINY = dict(
-    vocab_size=97,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    intermediate_size=48,
-    max_position_embeddings=40,
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead, and stall badly when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_hf(seed: int = 0, **overrides: object) -> BertForSequenceClassification:
