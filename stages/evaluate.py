@@ -66,7 +66,7 @@ def metrics_file(metrics_dir: Path, profile: str) -> Path:
 class GridPoint:
     width: float
     depth: float
-    model: ElasticBertForSequenceClassification  # the extracted sub-network, CPU, eval mode
+    model: torch.nn.Module  # the extracted sub-network (or another method's model), CPU, eval mode
     scores: dict[str, float]
     params: int
     layers: int
@@ -89,7 +89,7 @@ class GridPoint:
         return subnetwork_flops(config, width, depth, seq_len) / 1e9
 
 
-def _check_profiles(profiles: Sequence[HardwareProfile], model: ElasticBertForSequenceClassification) -> None:
+def check_profiles(profiles: Sequence[HardwareProfile], model: torch.nn.Module) -> None:
     longest = model.config.max_position_embeddings
     for p in profiles:
         if p.seq_len > longest:
@@ -364,7 +364,7 @@ def run(
     dev = load_dev(data_dir, meta["dev_splits"])
     model = load_elastic(model_dir).eval()
     profiles = list(cfg.profiles) if only is None else [cfg.profile(n) for n in only]
-    _check_profiles(profiles, model)
+    check_profiles(profiles, model)
     notes = profile_notes(profiles)
     measured = [p for p in profiles if notes[p.name] is None]
     machine = hardware.machine_info()

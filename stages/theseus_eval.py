@@ -31,6 +31,7 @@ from dynaflow.report import RESULTS_FILE, write_report
 from dynaflow.tracking import NullTracker
 from stages.evaluate import (
     GridPoint,
+    check_profiles,
     flat_metrics,
     log_results,
     measure_entries,
@@ -63,6 +64,7 @@ def run(
     task, metric_name = meta["task"], meta["main_metric"]
     point = successor_point(model_dir, task, load_dev(data_dir, meta["dev_splits"]), cfg)
     profiles = list(cfg.profiles)
+    check_profiles(profiles, point.model)
     notes = profile_notes(profiles)
     machine = hardware.machine_info()
     with tempfile.TemporaryDirectory(prefix="dynaflow-theseus-eval-") as work:

@@ -566,7 +566,8 @@ def test_a_process_worker_runs_the_profile_deployment_from_prefect_yaml(
             **os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "DYNAFLOW_PROJECT": str(ROOT),
             "XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         }  # fmt: skip
-        prefect("work-pool", "create", "dynaflow-cpu", "--type", "process")
+        for pool in ("dynaflow-cpu", "dynaflow-gpu"):  # as prefect.yaml's comments say (deploy needs both)
+            prefect("work-pool", "create", pool, "--type", "process")
         prefect("deploy", "--all", timeout=600)
         out = project_root / "artifacts" / "evaluation-hw" / "cpu_all"
         scheduled = run_deployment(
