@@ -42,7 +42,8 @@ def main() -> None:
     grid = SubnetGrid(tuple(params.widths), tuple(params.depths))
     # the stage's label phase: no warm-up, weight decay or mid-epoch checkpoints
     cfg = TrainConfig.from_section(
-        params.depth_kd, params.seed, epochs=args.epochs, warmup_ratio=0.0, weight_decay=0.0, checkpoint_steps=0
+        params.depth_kd, params.seed, epochs=args.epochs, warmup_ratio=0.0, weight_decay=0.0,
+        checkpoint_steps=0,
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
