@@ -166,7 +166,7 @@ def pipeline(
         parent.end("FAILED")
         raise
     parent.log_metrics({f"{n}.{k}": v for n, r in results.items() for k, v in r["metrics"].items()})
-    if {"evaluate", "theseus_eval"} & set(results):  # both flows' points in one report, when both exist
+    if {"evaluate", "theseus_eval"} & set(results):  # every stored evaluation, both flows once both ran
         report, note = rebuild_report(layout.root)
         logger.info("%s: %s", note, report)
         parent.log_artifact(report, "report")
