@@ -20,10 +20,10 @@ import torch
 from dynaflow.backbone import load_elastic
 from dynaflow.config import load_params
 from dynaflow.data import load_split, read_task_meta
-from dynaflow.distill import SubnetGrid, make_label_step
+from dynaflow.distill import SubnetGrid
 from dynaflow.evaluate import evaluate_grid, load_dev
 from dynaflow.tracking import NullTracker
-from dynaflow.train import TrainConfig, fit
+from stages.distill import final_finetune
 
 
 def main() -> None:
@@ -40,16 +40,10 @@ def main() -> None:
     torch.manual_seed(params.seed)
     student = load_elastic(root / "artifacts" / "dynabert")
     grid = SubnetGrid(tuple(params.widths), tuple(params.depths))
-    # the stage's label phase: no warm-up, weight decay or mid-epoch checkpoints
-    cfg = TrainConfig.from_section(
-        params.depth_kd, params.seed, epochs=args.epochs, warmup_ratio=0.0, weight_decay=0.0,
-        checkpoint_steps=0,
-    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        fit(student, train, make_label_step(student, grid, meta["is_regression"]), cfg,
-            checkpoint=Path(work) / "finetune.pt", fingerprint="probe", tracker=NullTracker(),
-            desc="final-finetune", pad_id=student.config.pad_token_id or 0)  # fmt: skip
+        final_finetune(student, train, grid, meta["is_regression"], params.depth_kd, params.seed, args.epochs,
+                       Path(work) / "finetune.pt", "probe", NullTracker())  # fmt: skip
     scores = evaluate_grid(student, meta["task"], dev, list(params.widths), list(params.depths))
     print(json.dumps({k: round(v["score"] * 100, 1) for k, v in scores.items()}))
     print(f"{time.perf_counter() - started:.0f} s")

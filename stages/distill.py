@@ -43,6 +43,33 @@ def split_heldout(train: TokenizedSplit, n: int, seed: int) -> tuple[TokenizedSp
     return train.subset(np.sort(order[n:])), train.subset(np.sort(order[:n]))
 
 
+def final_finetune(
+    student: torch.nn.Module,
+    train: TokenizedSplit,
+    grid: SubnetGrid,
+    regression: bool,
+    cfg: DistillConfig | DepthDistillConfig,
+    seed: int,
+    epochs: int,
+    checkpoint: Path,
+    fingerprint: str,
+    tracker: NullTracker,
+) -> None:
+    """The optional label phase after distillation: every sub-network of ``grid`` on the task labels.
+
+    A short phase: the section's batch size, learning rate and clipping, but no warm-up, weight decay or
+    mid-epoch checkpoints.
+    """
+    finetune_cfg = TrainConfig.from_section(
+        cfg, seed, epochs=epochs, warmup_ratio=0.0, weight_decay=0.0, checkpoint_steps=0
+    )
+    fit(
+        student, train, make_label_step(student, grid, regression), finetune_cfg, checkpoint=checkpoint,
+        fingerprint=fingerprint, tracker=tracker, desc="final-finetune",
+        pad_id=student.config.pad_token_id or 0,
+    )  # fmt: skip
+
+
 def run(
     phase: str,
     cfg: DistillConfig | DepthDistillConfig,
@@ -124,16 +151,8 @@ def run(
 
     finetune_epochs = getattr(cfg, "final_finetune_epochs", 0)
     if finetune_epochs:
-        # the short label phase: no warm-up, weight decay or mid-epoch checkpoints
-        finetune_cfg = TrainConfig.from_section(
-            cfg, seed, epochs=finetune_epochs, warmup_ratio=0.0, weight_decay=0.0, checkpoint_steps=0
-        )
-        fit(
-            student, train, make_label_step(student, grid, regression), finetune_cfg,
-            checkpoint=work_dir / "finetune.pt", fingerprint=fingerprint, tracker=tracker,
-            desc="final-finetune",
-            pad_id=student.config.pad_token_id or 0,
-        )  # fmt: skip
+        final_finetune(student, train, grid, regression, cfg, seed, finetune_epochs,
+                       work_dir / "finetune.pt", fingerprint, tracker)  # fmt: skip
 
     results = evaluate_grid(student, task, dev, list(grid.widths), list(grid.depths), cfg.eval_batch_size)
     student.save_pretrained(out_dir, safe_serialization=True)
