@@ -8,18 +8,12 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops, subnetwork_params
 from dynaflow.modeling import ElasticBertForSequenceClassification
-from tests.conftest import tiny_elastic
+from tests.conftest import TINY_BERT, tiny_elastic
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 DEPTHS = (1.0, 0.75, 0.5)
-TINY = dict(
-    vocab_size=97,
-    hidden_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=40,
-)
+# wider and deeper than the shared tiny BERT: 4 layers so that every depth keeps a different layer count
+TINY = {**TINY_BERT, "hidden_size": 48, "num_hidden_layers": 4, "intermediate_size": 64}
 
 # dynabert.md §8: BERT-base, 2 labels, len 128 -> (params in M, encoder GFLOPs); rows m_w, columns m_d.
 BERT_BASE_TABLE = {
