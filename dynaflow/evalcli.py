@@ -115,8 +115,9 @@ def default_results(root: Path) -> list[Path]:
 
 def rebuild_report(root: Path, paths: list[Path] | None = None, out: Path | None = None) -> tuple[Path, str]:
     """Merge stored results (default: :func:`default_results`) into one report; (report path, summary)."""
-    from dynaflow.artifacts import atomic_write_json
-    from dynaflow.report import RESULTS_FILE, load_results, merge_results, write_report
+    from dynaflow.artifacts import atomic_write_json, check_output, write_manifest
+    from dynaflow.report import REPORT_FILE, RESULTS_FILE, load_results, merge_results, report_key
+    from dynaflow.report import write_report as render_report
 
     paths = paths if paths else default_results(root)
     if not paths:
@@ -126,10 +127,15 @@ def rebuild_report(root: Path, paths: list[Path] | None = None, out: Path | None
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     out = out or root / REPORT_OUT
-    report = write_report(merged, out)
-    atomic_write_json(out / RESULTS_FILE, merged)
     compared = f", compared with {', '.join(merged['compared'])}" if merged["compared"] else ""
-    return report, f"report of {len(merged['profiles'])} profile(s) from {len(paths)} result set(s){compared}"
+    note = f"report of {len(merged['profiles'])} profile(s) from {len(paths)} result set(s){compared}"
+    key = report_key(merged)
+    if check_output(out, key) is None:  # same results, same code, files untouched: plotting again is waste
+        return out / REPORT_FILE, f"{note} (unchanged, not rebuilt)"
+    report = render_report(merged, out)
+    atomic_write_json(out / RESULTS_FILE, merged)
+    write_manifest(out, key)  # last: a report cut off half-way has no manifest and is rebuilt next time
+    return report, note
 
 
 def cmd_report(args: argparse.Namespace) -> int:

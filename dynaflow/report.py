@@ -7,11 +7,14 @@ measured on several machines, without a model or the hardware.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dynaflow import plots, selection
+from dynaflow.artifacts import atomic_file, atomic_write_bytes, file_digest
 from dynaflow.plots import plt
 from dynaflow.selection import latency_key, pareto_front, point_name
 
@@ -81,8 +84,8 @@ def pareto_plot(entry: dict[str, Any], metric_name: str, path: Path, budget_stat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", title="point labels: width/depth", title_fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -191,8 +194,16 @@ def write_report(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_FILE
-    path.write_text(render(results, out_dir))
+    atomic_write_bytes(path, render(results, out_dir).encode())
     return path
+
+
+def report_key(results: dict[str, Any]) -> str:
+    """What a report is made of: the results and the code that renders them (a key for skipping a rebuild)."""
+    code = {m.__name__: file_digest(Path(m.__file__)) for m in (plots, selection)}
+    code[__name__] = file_digest(Path(__file__))
+    blob = json.dumps({"results": results, "code": code}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def load_results(paths: Iterable[Path]) -> list[dict[str, Any]]:

@@ -422,6 +422,34 @@ def test_theseus_points_join_the_report_beside_equal_depth(
     assert "| w1.0_d1.0 | 2 |" not in text  # only equal depths beside it
 
 
+def test_merged_report_is_rebuilt_only_when_results_or_files_change(
+    evaluated: Path, theseus_evaluated: Path, project_root: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from dynaflow import report as report_module
+    from dynaflow.evalcli import rebuild_report
+
+    renders: list[Path] = []
+    real_write = report_module.write_report
+    monkeypatch.setattr(report_module, "write_report", lambda r, o: renders.append(o) or real_write(r, o))
+    out = tmp_path / "report"
+    rebuild_report(project_root, [evaluated], out)
+    built = out.joinpath("report.md").read_text()
+    _, note = rebuild_report(project_root, [evaluated], out)
+    assert len(renders) == 1 and note.endswith("(unchanged, not rebuilt)")
+    assert out.joinpath("report.md").read_text() == built
+
+    plot = next(out.glob("pareto_*.png"))
+    plot.unlink()  # a lost file: the report is no longer what its manifest says
+    _, note = rebuild_report(project_root, [evaluated], out)
+    assert len(renders) == 2 and plot.is_file() and "not rebuilt" not in note
+
+    _, note = rebuild_report(project_root, [evaluated, theseus_evaluated], out)  # new results to merge
+    assert len(renders) == 3 and "compared with theseus" in note
+    assert "theseus_L1" in out.joinpath("report.md").read_text()
+    assert not list(out.glob(".*.tmp*"))  # every file was written under a temporary name, then renamed
+
+
 def test_report_warns_about_a_busy_machine(evaluated: Path, tmp_path: Path) -> None:
     from dynaflow.report import write_report
 
