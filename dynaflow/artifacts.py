@@ -21,6 +21,13 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open``/``mkdir`` would give, unlike mkstemp's 0600/0700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that replaces it only if the block succeeds.
@@ -34,6 +41,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _umask_mode(0o666))  # readable by whoever may read the folder (a model server)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -106,6 +114,16 @@ def manifest_digest(out_dir: Path) -> str:
     return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
+def _open_up(tree: Path) -> None:
+    """Give a finished output the umask's modes: mkdtemp makes 0700 and safetensors writes 0600, which
+    would hide a model from a server or a colleague that reads it as another user."""
+    file_mode, dir_mode = _umask_mode(0o666), _umask_mode(0o777)
+    tree.chmod(dir_mode)
+    for p in tree.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(dir_mode if p.is_dir() or p.stat().st_mode & 0o111 else file_mode)  # keep executables
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``out_dir`` only if the block succeeds."""
@@ -114,6 +132,7 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _open_up(tmp)
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from dynaflow.artifacts import check_output, staged_output, write_manifest
+from dynaflow.artifacts import atomic_write_json, check_output, staged_output, write_manifest
 
 
 def build(out: Path, text: str, key: str = "k1") -> None:
@@ -39,3 +41,31 @@ def test_failed_build_keeps_previous_output(tmp_path: Path) -> None:
         raise RuntimeError("killed")
     assert (out / "model.bin").read_text() == "v1" and check_output(out, "k1") is None
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp directory left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_modes_not_the_temp_files_private_ones(
+    tmp_path: Path, umask: int
+) -> None:
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "out"
+        with staged_output(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"w")
+            (tmp / "model.safetensors").chmod(0o600)  # what safetensors' writer leaves
+            (tmp / "run.sh").write_text("#!/bin/sh\n")
+            (tmp / "run.sh").chmod(0o700)
+            (tmp / "sub").mkdir(mode=0o700)
+            atomic_write_json(tmp / "sub" / "metrics.json", {"acc": 1.0})
+        atomic_write_json(tmp_path / "loose.json", {})
+    finally:
+        os.umask(old)
+    mode = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    assert mode == {
+        "out": 0o777 & ~umask,
+        "out/model.safetensors": 0o666 & ~umask,
+        "out/run.sh": 0o777 & ~umask,  # execute bits kept
+        "out/sub": 0o777 & ~umask,
+        "out/sub/metrics.json": 0o666 & ~umask,
+        "loose.json": 0o666 & ~umask,
+    }
