@@ -116,8 +116,14 @@ def default_results(root: Path) -> list[Path]:
 def rebuild_report(root: Path, paths: list[Path] | None = None, out: Path | None = None) -> tuple[Path, str]:
     """Merge stored results (default: :func:`default_results`) into one report; (report path, summary)."""
     from dynaflow.artifacts import atomic_write_json, check_output, write_manifest
-    from dynaflow.report import REPORT_FILE, RESULTS_FILE, load_results, merge_results, report_key
-    from dynaflow.report import write_report as render_report
+    from dynaflow.report import (
+        REPORT_FILE,
+        RESULTS_FILE,
+        load_results,
+        merge_results,
+        report_key,
+        write_report,
+    )
 
     paths = paths if paths else default_results(root)
     if not paths:
@@ -132,7 +138,7 @@ def rebuild_report(root: Path, paths: list[Path] | None = None, out: Path | None
     key = report_key(merged)
     if check_output(out, key) is None:  # same results, same code, files untouched: plotting again is waste
         return out / REPORT_FILE, f"{note} (unchanged, not rebuilt)"
-    report = render_report(merged, out)
+    report = write_report(merged, out)
     atomic_write_json(out / RESULTS_FILE, merged)
     write_manifest(out, key)  # last: a report cut off half-way has no manifest and is rebuilt next time
     return report, note
