@@ -21,11 +21,28 @@ from typing import Any
 MANIFEST = "manifest.json"
 
 
-def _umask_mode(mode: int) -> int:
-    """``mode`` less the process umask: what ``open``/``mkdir`` would give, unlike mkstemp's 0600/0700."""
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    ``os.umask`` can only read the mask by setting a new one; between that call and the one restoring it,
+    a file another thread creates (Prefect's and MLflow's threads write files) would get umask 0. Linux
+    (4.7+) shows the mask in ``/proc/self/status``; elsewhere we fall back to set-and-restore.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split(":", 1)[1], 8)
     mask = os.umask(0)
     os.umask(mask)
-    return mode & ~mask
+    return mask
+
+
+def _umask_mode(mode: int) -> int:
+    """``mode`` less the process umask: what ``open``/``mkdir`` would give, unlike mkstemp's 0600/0700."""
+    return mode & ~current_umask()
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dynaflow import artifacts
 from dynaflow.artifacts import atomic_write_json, check_output, staged_output, write_manifest
 
 
@@ -69,3 +70,26 @@ def test_outputs_get_the_umask_modes_not_the_temp_files_private_ones(
         "out/sub/metrics.json": 0o666 & ~umask,
         "loose.json": 0o666 & ~umask,
     }
+
+
+def _never_called(mask: int) -> int:
+    raise AssertionError("os.umask called: the read is not thread-safe")
+
+
+@pytest.mark.parametrize("proc_status", ["linux", "absent"])
+def test_current_umask_reads_the_mask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proc_status: str
+) -> None:
+    old = os.umask(0o027)
+    try:
+        with monkeypatch.context() as patch:
+            if proc_status == "absent":  # another OS: the set-and-restore fallback
+                patch.setattr(artifacts, "_PROC_STATUS", tmp_path / "no-such-file")
+            elif artifacts._PROC_STATUS.exists():
+                patch.setattr(os, "umask", _never_called)  # Linux: read from /proc, never set
+            else:
+                pytest.skip("no /proc/self/status on this OS")
+            assert artifacts.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # and the mask is still the one set
+    finally:
+        os.umask(old)
