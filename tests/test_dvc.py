@@ -68,7 +68,7 @@ def test_dvc_repro_reruns_only_what_changed(
     params["teacher"]["learning_rate"] = 0.002
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     # Re-run only up to the changed stage (the full pipeline ran above): the second full run would
-    # double the suite's slowest test. `dvc status` still has to see that everything downstream is stale.
+    # double the suite's slowest test. `dvc status` still has to see that the teacher's readers are stale.
     third = dvc(project, "repro", "teacher")
     assert "Stage 'data' didn't change" in third and "Running stage 'teacher'" in third
     stale = dvc(project, "status")
