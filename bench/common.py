@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dynaflow.artifacts import atomic_write_json
+from dynaflow.core.artifacts import atomic_write_json
 
 
 def run_and_report(

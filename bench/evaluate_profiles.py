@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 
 from dynaflow.config import load_params
-from dynaflow.report import profile_table
-from dynaflow.tracking import NullTracker
+from dynaflow.core.tracking import NullTracker
+from dynaflow.evaluation.report import profile_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from dynaflow.evalcli import rebuild_report
-    from dynaflow.report import equal_depth_table
+    from dynaflow.cli.evaluation import rebuild_report
+    from dynaflow.evaluation.report import equal_depth_table
     from stages import evaluate, theseus_eval
 
     params = load_params(args.params, args.set)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from dynaflow.backbone import load_elastic
 from dynaflow.config import load_params
-from dynaflow.data import load_split, read_task_meta
-from dynaflow.distill import SubnetGrid
-from dynaflow.evaluate import evaluate_grid, load_dev
-from dynaflow.tracking import NullTracker
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import load_split, read_task_meta
+from dynaflow.evaluation.scoring import evaluate_grid, load_dev
+from dynaflow.methods.dynabert.distill import SubnetGrid
+from dynaflow.models.backbone import load_elastic
 from stages.distill import final_finetune
 
 

@@ -1,7 +1,8 @@
 """CPU latency of extracted DynaBERT sub-networks over the width x depth grid, against the FLOPs ratio.
 
 For every (m_w, m_d) in widths {1, .75, .5, .25} x depths {1, .75, .5} the sub-network is physically
-extracted (:func:`dynaflow.extract.extract_subnetwork`) and timed at each batch size and sequence length.
+extracted (:func:`dynaflow.models.extract.extract_subnetwork`) and timed at each batch size and sequence
+length.
 Measurements are interleaved (one repetition of every grid point per round) so slow drifts in machine load hit
 all points alike; the reported latency is the median over rounds, after warm-up rounds.
 
@@ -28,9 +29,9 @@ from typing import Any
 import torch
 from common import run_and_report
 
-from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops
-from dynaflow.hardware import ForeignLoad, cpu_name
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.evaluation.hardware import ForeignLoad, cpu_name
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
+from dynaflow.models.extract import count_parameters, extract_subnetwork, subnetwork_flops
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 DEPTHS = (1.0, 0.75, 0.5)

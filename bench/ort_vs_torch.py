@@ -2,7 +2,8 @@
 
 Both runtimes run the same extracted sub-network (the ONNX file is checked against PyTorch's logits, 1e-4)
 on the same synthetic batch with the same number of intra-op threads; their calls are interleaved in the
-same timed rounds (:func:`dynaflow.hardware.time_interleaved`), so machine-load drifts hit both alike.
+same timed rounds (:func:`dynaflow.evaluation.hardware.time_interleaved`), so machine-load drifts hit
+both alike.
 
 Example::
 
@@ -19,11 +20,11 @@ from typing import Any
 import torch
 from common import run_and_report
 
-from dynaflow import hardware
-from dynaflow.backbone import load_elastic
 from dynaflow.config import HardwareProfile
-from dynaflow.export import check_close, export_onnx, onnx_logits
-from dynaflow.extract import count_parameters, extract_subnetwork
+from dynaflow.evaluation import hardware
+from dynaflow.evaluation.export import check_close, export_onnx, onnx_logits
+from dynaflow.models.backbone import load_elastic
+from dynaflow.models.extract import count_parameters, extract_subnetwork
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

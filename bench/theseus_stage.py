@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from dynaflow.config import TheseusConfig, parse_override
-from dynaflow.tracking import NullTracker
+from dynaflow.core.tracking import NullTracker
 from stages import theseus
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         out = args.out or Path(tmp) / "out"
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        metrics = theseus.run(cfg, args.seed, args.teacher, args.data, out, Path(tmp) / "work", "bench",
+        metrics = theseus.compress(cfg, args.seed, args.teacher, args.data, out, Path(tmp) / "work", "bench",
                               NullTracker())  # fmt: skip
         wall = time.perf_counter() - started
     print(json.dumps({"params": cfg.model_dump(), **metrics, "wall_seconds": wall}, indent=1))

@@ -40,7 +40,7 @@ class DataConfig(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: str) -> str:
-        from dynaflow.glue import get_task
+        from dynaflow.data.glue import get_task
 
         return get_task(value).name
 
@@ -228,6 +228,11 @@ def _default_profiles() -> list[HardwareProfile]:
     ]  # fmt: skip
 
 
+MEASUREMENT_SECTION = "evaluate.measurement"  # see Params.section
+SELECTION_ONLY = {"export", "quality_floor", "max_metric_drop", "min_gain_over_chance"}
+PROFILE_BUDGETS = ("latency_ms", "memory_mb")
+
+
 class EvaluateConfig(_Section):
     """Per-hardware evaluation of every extracted sub-network, selection within budgets, export."""
 
@@ -238,7 +243,19 @@ class EvaluateConfig(_Section):
         "p90", description="latency statistic a latency budget applies to"
     )
     eval_batch_size: int = Field(128, gt=0, description="batch size of the dev-set evaluation")
-    export: bool = Field(True, description="export each profile's selected sub-network (HF dir, ONNX)")
+    export: bool = Field(True, description="export each profile's selected candidate (HF dir, ONNX)")
+    quality_floor: bool = Field(
+        True, description="ship only candidates above chance and near the teacher (false: any score)"
+    )
+    max_metric_drop: float | None = Field(
+        0.1,
+        ge=0,
+        description="quality floor: a shipped candidate scores at most this far below the teacher "
+        "(main dev metric); null = no teacher-relative floor",
+    )
+    min_gain_over_chance: float = Field(
+        0.02, ge=0, description="quality floor: and at least this far above the majority-class/chance score"
+    )
     onnx_exporter: Literal["torchscript", "dynamo"] = Field(
         "torchscript", description="torch.onnx exporter: torchscript (fast) or dynamo (needs onnxscript)"
     )
@@ -252,6 +269,14 @@ class EvaluateConfig(_Section):
         if dupes:
             raise ValueError(f"profile names must be unique; repeated: {', '.join(dupes)}")
         return profiles
+
+    def measurement(self) -> dict[str, Any]:
+        """What determines a measurement: everything but the budgets, the quality floor and export."""
+        dump = self.model_dump(mode="json", exclude=SELECTION_ONLY)
+        for profile in dump["profiles"]:
+            for key in PROFILE_BUDGETS:
+                profile.pop(key)
+        return dump
 
     def profile(self, name: str) -> HardwareProfile:
         for p in self.profiles:
@@ -299,7 +324,13 @@ class Params(_Section):
         return self
 
     def section(self, name: str) -> Any:
-        """A top-level entry by name (used to build cache keys from exactly the sections a stage reads)."""
+        """A top-level entry by name (used to build cache keys from exactly the sections a stage reads).
+
+        ``evaluate.measurement``: the ``evaluate`` section without what only selection reads (budgets,
+        quality floor, export), so changing a budget re-runs selection, not the measurements.
+        """
+        if name == MEASUREMENT_SECTION:
+            return self.evaluate.measurement()
         return getattr(self, name)
 
 

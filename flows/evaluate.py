@@ -3,10 +3,11 @@
 ``dynaflow run`` evaluates every profile present on the local machine and skips the others. To measure a
 profile on other hardware (a GPU box, an edge CPU), ``prefect.yaml`` declares one deployment per profile,
 each on the work pool of its hardware kind; a Prefect worker started on such a machine picks the run up
-and executes this flow there, in that machine's checkout of the project (which needs the ``data`` and
-``depth_kd`` outputs: shared storage, or ``dvc pull``). The result lands in
-``artifacts/evaluation-hw/<profile>/`` on that machine and, as MLflow artifacts, in the tracking server
-named by ``MLFLOW_TRACKING_URI``; ``dynaflow report`` merges it into the report.
+and executes this flow there, in that machine's checkout of the project (which needs the data stage's and
+each method's trained outputs: shared storage, or ``dvc pull``). Every method's candidates are measured,
+then selected and exported for that profile. The result lands in ``artifacts/evaluation-hw/<profile>/``
+on that machine and, as MLflow artifacts, in the tracking server named by ``MLFLOW_TRACKING_URI``;
+``dynaflow report`` merges it into the report.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from prefect import flow
 
 from dynaflow.config import load_params
-from dynaflow.tracking import NullTracker, Tracker, start_run
+from dynaflow.core.tracking import NullTracker, Tracker, start_run
 
 
 @flow(name="dynaflow-evaluate", log_prints=True)
@@ -29,7 +30,7 @@ def evaluate_profile(
     track: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one hardware profile (a name in ``evaluate.profiles``) on this machine."""
-    from stages.evaluate import run_profile
+    from stages.select import measure_profile_here
 
     params = load_params(params_path, overrides)
     params.evaluate.profile(profile)  # an unknown name fails here, before any work
@@ -37,7 +38,7 @@ def evaluate_profile(
     tags = {"driver": "prefect", "stage": "evaluate", "profile": profile, "host": platform.node()}
     tracker: Tracker | NullTracker = start_run(root, f"evaluate-{profile}", tags) if track else NullTracker()
     try:
-        result = run_profile(params, root, profile, tracker)
+        result = measure_profile_here(params, root, profile, tracker)
     except BaseException:
         tracker.end("FAILED")
         raise

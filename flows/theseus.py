@@ -12,7 +12,7 @@ from typing import Any
 from prefect import flow
 
 from dynaflow.config import load_params
-from dynaflow.theseus import check_backbone
+from dynaflow.methods.theseus.model import check_backbone
 from flows.pipeline import pipeline
 from stages import flow_stages
 

@@ -7,7 +7,7 @@ neighbours by cosine similarity in the input word-embedding matrix of the *fine-
 substitution happens in token space: one single-piece word is replaced by one single-piece word, so every
 variant keeps its original's length and ``token_type_ids``, and multi-piece words are never touched.
 The knobs are the paper's: N variants per example, M candidates per word, replacement probability p.
-See :mod:`dynaflow.augment` for the full list of differences.
+See :mod:`dynaflow.data.augment` for the full list of differences.
 
 Outputs (in ``out_dir``): ``train.parquet`` (the data stage's schema: originals first, then variants, whose
 label is their original's; distillation learns from teacher logits, not these labels), ``augment.json``
@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from dynaflow.artifacts import atomic_write_bytes, atomic_write_json
-from dynaflow.augment import (
+from dynaflow.config import AugmentConfig
+from dynaflow.core.artifacts import atomic_write_bytes, atomic_write_json
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.augment import (
     AugmentStats,
     Vocabulary,
     augment_split,
@@ -37,9 +39,8 @@ from dynaflow.augment import (
     load_vocabulary,
     load_word_embeddings,
 )
-from dynaflow.config import AugmentConfig
-from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, load_split, write_split
-from dynaflow.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, write_split
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def _examples_text(
     return "\n".join(lines) + "\n"
 
 
-def run(
+def augment_train(
     cfg: AugmentConfig, seed: int, teacher_dir: Path, data_dir: Path, out_dir: Path, tracker: NullTracker
 ) -> dict[str, Any]:
     """Write ``out_dir/train.parquet`` (augmented, or the data stage's copy when disabled); return metrics.
@@ -141,3 +142,22 @@ def run(
         100 * metrics["replaced_word_share"],
     )
     return metrics
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return augment_train(
+        p.augment, p.seed, ctx.upstream("teacher"), ctx.upstream("data"), ctx.out, ctx.tracker
+    )
+
+
+STAGE = register(
+    Stage(
+        name="augment",
+        out="data/augmented",
+        sections=("augment", "seed"),
+        upstream=("data", "teacher"),
+        run=run,
+        description="the distillation training set: the originals, plus augmented variants when enabled",
+    )
+)

@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from dynaflow.artifacts import atomic_write_json
-from dynaflow.backbone import load_tokenizer
-from dynaflow.config import DataConfig
-from dynaflow.data import TASK_FILE, TOKENIZER_DIR, write_split
-from dynaflow.glue import SplitData, find_glue_dir, get_task, load_split
-from dynaflow.tracking import NullTracker
+from dynaflow.config import DataConfig, Params
+from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.glue import SplitData, TaskSpec, find_glue_dir, get_task, load_split
+from dynaflow.data.splits import TASK_FILE, TOKENIZER_DIR, write_split
+from dynaflow.evaluation.metrics import compute_metrics, main_score
+from dynaflow.models.backbone import load_tokenizer, local_files
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,23 @@ def _first(split: SplitData, limit: int | None) -> SplitData:
     )
 
 
-def run(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: NullTracker) -> dict[str, Any]:
+def chance_scores(task: TaskSpec, train_labels: np.ndarray, dev_labels: np.ndarray) -> dict[str, float]:
+    """The dev metrics of always answering the training set's majority class (regression: its mean).
+
+    What any model must clearly beat to have learnt something; ``score`` is the main metric.
+    """
+    if task.is_regression:
+        constant = np.full(len(dev_labels), float(np.mean(train_labels)))
+    else:
+        constant = np.full(len(dev_labels), int(np.bincount(train_labels.astype(np.int64)).argmax()))
+    metrics = compute_metrics(task, constant, dev_labels)
+    return metrics | {"score": main_score(task, metrics)}
+
+
+def prepare(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: NullTracker) -> dict[str, Any]:
     task = get_task(cfg.task)
     tokenizer = load_tokenizer(backbone)
+    labels_of: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
     for name in ("train", *task.dev_splits):
@@ -85,6 +101,7 @@ def run(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: NullT
         labels = np.asarray(split.labels, dtype=np.float32 if task.is_regression else np.int64)
         write_split(out_dir / f"{name}.parquet", enc["input_ids"], enc["token_type_ids"], labels)
         counts[name], skipped[name] = len(labels), split.n_skipped
+        labels_of[name] = labels
     tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
     meta = {
         "task": task.name,
@@ -98,10 +115,35 @@ def run(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: NullT
         "backbone": backbone,
         "counts": counts,
         "skipped": skipped,
+        "chance": chance_scores(task, labels_of["train"], labels_of[task.dev_splits[0]]),
     }
     atomic_write_json(out_dir / TASK_FILE, meta)
     metrics = {f"examples.{k}": v for k, v in counts.items()} | {
         f"skipped.{k}": v for k, v in skipped.items()
     }
+    metrics["chance_score"] = meta["chance"]["score"]
     tracker.log_metrics(metrics)
     return metrics
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return prepare(p.data, p.backbone, p.seed, ctx.out, ctx.tracker)
+
+
+def external_inputs(params: Params) -> list[Path]:
+    """The GLUE files and a local backbone: read from outside the pipeline, hashed into the key."""
+    return input_files(params.data) + local_files(params.backbone)
+
+
+STAGE = register(
+    Stage(
+        name="data",
+        out="data/prepared",
+        sections=("data", "backbone", "seed"),
+        upstream=(),
+        run=run,
+        external=external_inputs,
+        description="GLUE task -> tokenised Parquet splits, task.json (metrics, chance score), tokenizer",
+    )
+)

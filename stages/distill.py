@@ -21,16 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from dynaflow.artifacts import atomic_write_json
-from dynaflow.backbone import load_elastic
 from dynaflow.config import DepthDistillConfig, DistillConfig
-from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
-from dynaflow.distill import SubnetGrid, make_distill_step, make_label_step
-from dynaflow.distributed import device
-from dynaflow.evaluate import evaluate_grid, load_dev
-from dynaflow.plots import grid_heatmap
-from dynaflow.tracking import NullTracker
-from dynaflow.train import TrainConfig, fit
+from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.distributed import device
+from dynaflow.core.plots import grid_heatmap
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
+from dynaflow.evaluation.scoring import load_dev
+from dynaflow.methods.dynabert.distill import SubnetGrid, make_distill_step, make_label_step
+from dynaflow.methods.dynabert.grid import evaluate_grid
+from dynaflow.models.backbone import load_elastic
+from dynaflow.training.loop import TrainConfig, fit
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def final_finetune(
     )  # fmt: skip
 
 
-def run(
+def distill(
     phase: str,
     cfg: DistillConfig | DepthDistillConfig,
     widths: list[float],
@@ -179,3 +181,65 @@ def run(
         json.dumps({k: round(r["score"], 4) for k, r in results.items()}),
     )
     return metrics
+
+
+def run_width(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return distill(
+        "width",
+        p.width_kd,
+        p.widths,
+        p.depths,
+        p.seed,
+        student_dir=ctx.upstream("rewire"),
+        teacher_dir=ctx.upstream("teacher"),
+        train_dir=ctx.upstream("augment"),
+        data_dir=ctx.upstream("data"),
+        out_dir=ctx.out,
+        work_dir=ctx.work,
+        fingerprint=ctx.key,
+        tracker=ctx.tracker,
+    )
+
+
+def run_depth(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return distill(
+        "depth",
+        p.depth_kd,
+        p.widths,
+        p.depths,
+        p.seed,
+        student_dir=ctx.upstream("width_kd"),
+        teacher_dir=ctx.upstream("width_kd"),
+        train_dir=ctx.upstream("augment"),
+        data_dir=ctx.upstream("data"),
+        out_dir=ctx.out,
+        work_dir=ctx.work,
+        fingerprint=ctx.key,
+        tracker=ctx.tracker,
+    )
+
+
+WIDTH_STAGE = register(
+    Stage(
+        name="width_kd",
+        out="artifacts/dynabert_w",
+        sections=("width_kd", "widths", "seed"),
+        upstream=("data", "teacher", "rewire", "augment"),
+        run=run_width,
+        distributed=True,
+        description="DynaBERT_W: width-adaptive distillation from the teacher",
+    )
+)
+DEPTH_STAGE = register(
+    Stage(
+        name="depth_kd",
+        out="artifacts/dynabert",
+        sections=("depth_kd", "widths", "depths", "seed"),
+        upstream=("data", "augment", "width_kd"),
+        run=run_depth,
+        distributed=True,
+        description="DynaBERT: width-and-depth distillation, every sub-network of the grid",
+    )
+)

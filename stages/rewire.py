@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dynaflow.backbone import load_elastic
 from dynaflow.config import RewireConfig
-from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, iter_batches, load_split, read_task_meta
-from dynaflow.evaluate import evaluate_grid, load_dev
-from dynaflow.importance import compute_importance, rewire_
-from dynaflow.plots import heatmap
-from dynaflow.tracking import NullTracker
+from dynaflow.core.plots import heatmap
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, iter_batches, load_split, read_task_meta
+from dynaflow.evaluation.scoring import load_dev
+from dynaflow.methods.dynabert.grid import evaluate_grid
+from dynaflow.methods.dynabert.importance import compute_importance, rewire_
+from dynaflow.models.backbone import load_elastic
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def grid_scores(
     return {k: m["score"] for k, m in evaluate_grid(model, task, dev, widths, depths).items()}
 
 
-def run(
+def rewire_teacher(
     cfg: RewireConfig,
     widths: list[float],
     depths: list[float],
@@ -105,3 +107,22 @@ def run(
     tracker.log_metrics(metrics)
     log.info("rewired; sliced-teacher dev scores: %s", floor_rewired)
     return metrics
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return rewire_teacher(
+        p.rewire, p.widths, p.depths, ctx.upstream("teacher"), ctx.upstream("data"), ctx.out, ctx.tracker
+    )
+
+
+STAGE = register(
+    Stage(
+        name="rewire",
+        out="artifacts/rewired",
+        sections=("rewire", "widths", "depths"),
+        upstream=("data", "teacher"),
+        run=run,
+        description="DynaBERT: head and neuron importance, teacher reordered most important first",
+    )
+)

@@ -14,13 +14,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dynaflow.artifacts import atomic_write_json
-from dynaflow.backbone import load_classifier
 from dynaflow.config import TeacherConfig
-from dynaflow.data import TOKENIZER_DIR, load_split, read_task_meta
-from dynaflow.evaluate import evaluate, hf_logits, load_dev
-from dynaflow.tracking import NullTracker
-from dynaflow.train import TrainConfig, fit
+from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
+from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+from dynaflow.models.backbone import load_classifier, local_files
+from dynaflow.training.loop import TrainConfig, fit
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -
     return F.cross_entropy(logits, labels)
 
 
-def run(
+def fine_tune(
     cfg: TeacherConfig,
     backbone: str,
     seed: int,
@@ -83,3 +84,24 @@ def run(
     atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
     tracker.log_metrics({f"final.dev.{k}": v for k, v in metrics.items()})
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return fine_tune(
+        p.teacher, p.backbone, p.seed, ctx.upstream("data"), ctx.out, ctx.work, ctx.key, ctx.tracker
+    )
+
+
+STAGE = register(
+    Stage(
+        name="teacher",
+        out="artifacts/teacher",
+        sections=("teacher", "backbone", "seed"),
+        upstream=("data",),
+        run=run,
+        external=lambda p: local_files(p.backbone),
+        distributed=True,
+        description="fine-tune the backbone on the task: the teacher every method starts from",
+    )
+)

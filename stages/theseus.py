@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 
-from dynaflow.artifacts import atomic_write_json
 from dynaflow.config import TheseusConfig
-from dynaflow.data import TOKENIZER_DIR, load_split, read_task_meta
-from dynaflow.evaluate import evaluate, hf_logits, load_dev
-from dynaflow.theseus import (
+from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
+from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+from dynaflow.methods.theseus.model import (
     ReplacingSchedule,
     build_theseus,
     check_divides,
@@ -32,8 +33,8 @@ from dynaflow.theseus import (
     export_successor,
     theseus_encoder,
 )
-from dynaflow.tracking import NullTracker
-from dynaflow.train import TrainConfig, fit
+from dynaflow.training.loop import TrainConfig, fit
+from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def make_schedule(cfg: TheseusConfig, steps_per_epoch: int) -> ReplacingSchedule
     return ReplacingSchedule(cfg.scheduler, cfg.replacing_rate, k, cfg.steps_for_replacing, end=end)
 
 
-def run(
+def compress(
     cfg: TheseusConfig,
     seed: int,
     teacher_dir: Path,
@@ -137,3 +138,30 @@ def run(
     log.info("theseus: %d-layer successor dev %s (predecessor %s)", modules, metrics.get("score"),
              metrics.get("predecessor.score"))  # fmt: skip
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    return compress(
+        p.theseus,
+        p.seed,
+        ctx.upstream("teacher"),
+        ctx.upstream("data"),
+        ctx.out,
+        ctx.work,
+        ctx.key,
+        ctx.tracker,
+    )
+
+
+STAGE = register(
+    Stage(
+        name="theseus",
+        out="artifacts/theseus",
+        sections=("theseus", "seed"),
+        upstream=("data", "teacher"),
+        run=run,
+        flow="theseus",
+        description="BERT-of-Theseus: a successor of L/r layers by progressive module replacing",
+    )
+)

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification
 
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

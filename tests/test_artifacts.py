@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dynaflow import artifacts
-from dynaflow.artifacts import atomic_write_json, check_output, staged_output, write_manifest
+from dynaflow.core import artifacts
+from dynaflow.core.artifacts import atomic_write_json, check_output, staged_output, write_manifest
 
 
 def build(out: Path, text: str, key: str = "k1") -> None:

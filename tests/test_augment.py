@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from dynaflow.augment import (
+from dynaflow.config import AugmentConfig, Params
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.augment import (
     Vocabulary,
     augment_split,
     build_neighbours,
@@ -19,9 +21,7 @@ from dynaflow.augment import (
     nearest_neighbours,
     replaceable_positions,
 )
-from dynaflow.config import AugmentConfig, Params
-from dynaflow.data import TOKENIZER_DIR, TokenizedSplit, load_split
-from dynaflow.tracking import NullTracker
+from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split
 from stages import augment, data
 from tests.conftest import WORDS, tiny_params
 
@@ -49,7 +49,7 @@ def dirs(tmp_path: Path, backbone: Path, tiny_glue: Path) -> tuple[Path, Path]:
     params = Params.model_validate(tiny_params(backbone, tiny_glue))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    data.run(params.data, params.backbone, params.seed, data_dir, NullTracker())
+    data.prepare(params.data, params.backbone, params.seed, data_dir, NullTracker())
     ids = np.concatenate(load_split(data_dir, "train").input_ids)
     assert np.mean(ids == 1) < 0.1, "the tiny tokenizer maps words to [UNK]"  # nothing to augment then
     teacher_dir = tmp_path / "teacher"
@@ -62,7 +62,7 @@ def dirs(tmp_path: Path, backbone: Path, tiny_glue: Path) -> tuple[Path, Path]:
 def run_stage(dirs: tuple[Path, Path], tmp_path: Path, name: str = "out", seed: int = 1, **cfg: object):
     out = tmp_path / name
     out.mkdir()
-    metrics = augment.run(AugmentConfig(**cfg), seed, dirs[1], dirs[0], out, NullTracker())
+    metrics = augment.augment_train(AugmentConfig(**cfg), seed, dirs[1], dirs[0], out, NullTracker())
     return out, metrics
 
 

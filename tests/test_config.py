@@ -92,7 +92,7 @@ def test_missing_and_malformed_file(tmp_path: Path) -> None:
 
 
 def test_grid_must_fit_backbone(tmp_path: Path, tiny_backbone: Path) -> None:
-    from dynaflow.backbone import check_grid
+    from dynaflow.models.backbone import check_grid
 
     params = load_params(write(tmp_path, {"backbone": str(tiny_backbone), "widths": [1.0, 0.1]}))
     with pytest.raises(ConfigError, match=r"widths: 0.1: .*0 of 4 attention heads"):

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import BertConfig
 
 from dynaflow.config import Params
-from dynaflow.distill import SubnetGrid, hidden_loss, make_distill_step, soft_cross_entropy
-from dynaflow.modeling import ElasticBertForSequenceClassification, hidden_layer_map
-from dynaflow.tracking import NullTracker
+from dynaflow.core.tracking import NullTracker
+from dynaflow.methods.dynabert.distill import SubnetGrid, hidden_loss, make_distill_step, soft_cross_entropy
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
 from stages import data, distill
 from tests.conftest import tiny_params
 
@@ -122,9 +122,9 @@ def pipeline_dirs(tmp_path: Path, tiny_backbone: Path, tiny_glue: Path) -> tuple
     })  # fmt: skip
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    data.run(params.data, params.backbone, params.seed, data_dir, NullTracker())
+    data.prepare(params.data, params.backbone, params.seed, data_dir, NullTracker())
     teacher_dir = tmp_path / "teacher"
-    from dynaflow.backbone import load_classifier
+    from dynaflow.models.backbone import load_classifier
 
     torch.manual_seed(0)
     model = load_classifier(params.backbone, 2)
@@ -137,7 +137,7 @@ def run_phase(params: Params, phase: str, student: Path, teacher: Path, data_dir
     out.mkdir(parents=True, exist_ok=True)
     cfg = params.width_kd if phase == "width" else params.depth_kd
     work = out.parent / f"work-{out.name}"
-    return distill.run(phase, cfg, params.widths, params.depths, params.seed, student, teacher, data_dir,
+    return distill.distill(phase, cfg, params.widths, params.depths, params.seed, student, teacher, data_dir,
                        data_dir, out, work, "fp", NullTracker(), on_step)  # fmt: skip
 
 

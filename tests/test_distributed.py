@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from dynaflow import distributed as ddp
-from dynaflow.tracking import NullTracker
+from dynaflow.core import distributed as ddp
+from dynaflow.core.tracking import NullTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_one_process_is_untouched() -> None:
 
 
 def test_stage_relaunches_itself_under_torchrun(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dynaflow import cli
+    from dynaflow.cli import commands as cli
 
     calls: list[tuple[list[str], dict[str, str]]] = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
@@ -207,8 +207,8 @@ def test_teacher_on_two_processes_matches_one_and_writes_once(
 ) -> None:
     from safetensors.torch import load_file
 
-    from dynaflow.artifacts import check_output, read_manifest
     from dynaflow.config import Params, load_params
+    from dynaflow.core.artifacts import check_output, read_manifest
     from stages import Layout, run_stage
     from tests.conftest import tiny_params
 
@@ -271,10 +271,10 @@ def distill_fit(out: Path) -> None:
     """A few steps of width-and-depth distillation on a tiny elastic BERT; rank 0 saves the weights."""
     from transformers import BertConfig
 
-    from dynaflow.data import TokenizedSplit
-    from dynaflow.distill import SubnetGrid, make_distill_step
-    from dynaflow.modeling import ElasticBertForSequenceClassification
-    from dynaflow.train import TrainConfig, fit
+    from dynaflow.data.splits import TokenizedSplit
+    from dynaflow.methods.dynabert.distill import SubnetGrid, make_distill_step
+    from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
+    from dynaflow.training.loop import TrainConfig, fit
 
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=32, num_labels=2,

@@ -11,29 +11,44 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import STAGES
+from stages import STAGES, code_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_dvc_yaml_matches_stage_registry() -> None:
+def test_dvc_yaml_is_generated_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dvc.yaml's deps are each stage's import closure and upstream: `dynaflow dvc-yaml --check` is clean."""
+    from dynaflow.config import load_params
+    from stages.dvcfile import differences, stage_entry
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    params = load_params(ROOT / "params.yaml")
+    assert differences(ROOT / "dvc.yaml", params) == [], "run `dynaflow dvc-yaml`"
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert list(declared) == list(STAGES)
     for name, stage in STAGES.items():
-        entry = declared[name]
-        assert entry["cmd"] == f"dynaflow stage {name}"
-        code = {str(f.resolve().relative_to(ROOT)) for f in stage.source_files()}
-        upstream = {STAGES[u].out for u in stage.upstream}
-        assert set(entry["deps"]) == code | upstream, name
-        assert set(entry["params"]) == set(stage.sections), name
-        assert entry["outs"] == [stage.out]
-        extra = []
-        if name == "evaluate":  # the stage also writes one metrics file per hardware profile
-            from dynaflow.config import load_params
+        code = {f"{m.replace('.', '/')}.py" for m in code_modules(name)}
+        code = {c if (ROOT / c).is_file() else c.removesuffix(".py") + "/__init__.py" for c in code}
+        outs = {STAGES[u].out for u in (*stage.upstream, *stage.gathers())}
+        assert set(declared[name]["deps"]) == code | outs, name
+        assert declared[name]["cmd"] == f"dynaflow stage {name}" and declared[name]["outs"] == [stage.out]
+    assert [next(iter(m)) for m in declared["select"]["metrics"]] == [
+        "metrics/select.json", *(f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles)
+    ]
 
-            profiles = load_params(ROOT / "params.yaml").evaluate.profiles
-            extra = [f"metrics/eval_{p.name}.json" for p in profiles]
-        assert [next(iter(m)) for m in entry["metrics"]] == [f"metrics/{name}.json", *extra]
+    # A stale file is named: a dep missing and one that is not in the closure.
+    stale = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stale["stages"]["teacher"]["deps"].remove("dynaflow/training/loop.py")
+    stale["stages"]["teacher"]["deps"].append("dynaflow/core/plots.py")
+    path = ROOT / ".pytest_cache" / "dvc.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(stale))
+    problems = differences(path, params)
+    assert problems == [
+        "stage teacher: deps missing dynaflow/training/loop.py",
+        "stage teacher: deps not in its import closure dynaflow/core/plots.py",
+    ]
+    assert stage_entry("teacher", params)["params"] == ["teacher", "backbone", "seed"]
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -56,7 +71,7 @@ def test_dvc_repro_reruns_only_what_changed(
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     shutil.copy(ROOT / "dvc.yaml", project)
-    for package in ("stages", "dynaflow"):
+    for package in ("stages", "dynaflow"):  # the code dvc.yaml's deps name
         shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     dvc(project, "init", "--no-scm", "-q")
 

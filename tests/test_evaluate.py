@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +15,16 @@ import torch
 import yaml
 from transformers import BertConfig, BertForSequenceClassification
 
-from dynaflow import hardware
-from dynaflow.artifacts import write_manifest
 from dynaflow.config import EvaluateConfig, HardwareProfile, Params, load_params
-from dynaflow.export import (
-    ExportMismatch,
-    check_close,
-    elastic_logits,
-    export_onnx,
-    onnx_logits,
-    write_export,
-)
-from dynaflow.extract import extract_subnetwork
-from dynaflow.modeling import ElasticBertForSequenceClassification
-from dynaflow.report import load_results, plot_points
-from dynaflow.selection import pareto_front, point_name, select
-from dynaflow.tracking import NullTracker
+from dynaflow.core.artifacts import write_manifest
+from dynaflow.core.tracking import NullTracker
+from dynaflow.evaluation import hardware
+from dynaflow.evaluation.export import ExportMismatch, check_close, export_candidate, export_onnx, onnx_logits
+from dynaflow.evaluation.report import load_results, plot_points
+from dynaflow.evaluation.selection import pareto_front, select
+from dynaflow.methods.dynabert.candidates import elastic_logits, subnetwork
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
+from dynaflow.models.extract import extract_subnetwork
 from tests.conftest import tiny_elastic, tiny_params, write_sst2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +109,12 @@ def test_peak_memory_sees_what_the_runner_holds() -> None:
 
 
 def row(w: float, d: float, metric: float, p90: float, params: int, memory: float | None = 10.0) -> dict:
-    return {"width": w, "depth": d, "metric": metric, "latency_p90_ms": p90, "latency_median_ms": p90 * 0.8,
-            "params": params, "memory_mb": memory}  # fmt: skip
+    return {"candidate": f"dynabert/w{w}_d{d}", "method": "dynabert", "metric": metric, "latency_p90_ms": p90,
+            "latency_median_ms": p90 * 0.8, "params": params, "memory_mb": memory}  # fmt: skip
+
+
+def point_name(r: dict) -> str:
+    return r["candidate"].removeprefix("dynabert/")
 
 
 TABLE = [
@@ -146,7 +145,7 @@ def test_selection_picks_most_accurate_within_budget(latency, memory, expected) 
 def test_selection_reports_when_nothing_fits() -> None:
     chosen = select(TABLE, latency_ms=1.0, stat="p90", profile="edge")
     assert chosen.status == "none_fit" and chosen.row is None
-    assert "no sub-network fits profile 'edge'" in chosen.message and "w0.25_d0.5" in chosen.message
+    assert "no candidate fits profile 'edge'" in chosen.message and "w0.25_d0.5" in chosen.message
     assert "3 ms" in chosen.message  # how far off the fastest one is
     chosen = select(TABLE, memory_mb=1.0, profile="tiny")
     assert chosen.status == "none_fit" and "15 MiB" in chosen.message
@@ -198,13 +197,13 @@ def test_hf_export_loads_with_and_without_dynaflow_and_classifies(
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbone)
-    from dynaflow.backbone import load_elastic
+    from dynaflow.models.backbone import load_elastic
 
     elastic = load_elastic(tiny_backbone).eval()  # the tiny BERT with a fresh classifier
     batch = dict(tokenizer(["the movie was good", "a dull mess"], padding=True, return_tensors="pt"))
     out = tmp_path / "export"
-    summary = write_export(
-        elastic, 0.5, 0.5, out, tokenizer_dir=tiny_backbone, batch=batch, onnx=True,
+    summary = export_candidate(
+        subnetwork(elastic, 0.5, 0.5), out, tokenizer_dir=tiny_backbone, batch=batch, onnx=True,
         labels=["negative", "positive"],
         card={"metric": 0.875, "metric_name": "acc", "task": "sst2", "path": "exports/cpu1",
               "profile": HardwareProfile(name="cpu1", threads=1, runtime="onnxruntime").model_dump(),
@@ -218,7 +217,7 @@ def test_hf_export_loads_with_and_without_dynaflow_and_classifies(
                      'pipeline("text-classification", model="exports/cpu1"'):  # fmt: skip
         assert fragment in card
 
-    clf = pipeline("text-classification", model=str(out))  # dynaflow.modeling is imported: no remote code
+    clf = pipeline("text-classification", model=str(out))  # dynaflow imported: no remote code
     assert clf("the movie was good")[0]["label"] in ("negative", "positive")
     # Without dynaflow, trust_remote_code=True loads the class from the copied modeling_elastic_bert.py.
     remote_cls = get_class_from_dynamic_module(
@@ -246,38 +245,57 @@ PROFILES = [
 
 @pytest.fixture(scope="module")
 def project_root(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) -> Path:
-    """A project whose data and depth_kd outputs exist (a random classifier stands in for the trained one)."""
-    from dynaflow.backbone import load_classifier
+    """A project whose data, teacher and depth_kd outputs exist (random classifiers stand in for the trained).
+
+    The quality floor is off: random models would fail it (tests/test_methods.py covers it).
+    """
+    from dynaflow.models.backbone import load_classifier
     from stages import data
 
     root = tmp_path_factory.mktemp("eval-project")
     glue = write_sst2(root / "glue")
     raw = tiny_params(tiny_backbone, glue) | {
         "widths": [1.0, 0.5], "depths": [1.0, 0.5],
-        "evaluate": {"warmup": 1, "repeats": 4, "profiles": PROFILES},
+        "evaluate": {"warmup": 1, "repeats": 4, "profiles": PROFILES, "quality_floor": False},
     }  # fmt: skip
     (root / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(mode="json")))
     params = load_params(root / "params.yaml")
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
-    data.run(params.data, params.backbone, params.seed, prepared, NullTracker())
+    data.prepare(params.data, params.backbone, params.seed, prepared, NullTracker())
     write_manifest(prepared, "test")
     torch.manual_seed(0)
-    load_classifier(params.backbone, 2).save_pretrained(root / "artifacts" / "dynabert")
-    write_manifest(root / "artifacts" / "dynabert", "test")
+    for name in ("teacher", "dynabert"):
+        load_classifier(params.backbone, 2).save_pretrained(root / "artifacts" / name)
+    (root / "artifacts" / "teacher" / "metrics.json").write_text(json.dumps({"score": 0.5}))
+    for name in ("teacher", "dynabert"):
+        write_manifest(root / "artifacts" / name, "test")
     return root
 
 
 @pytest.fixture(scope="module")
-def evaluated(project_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``run_stage('evaluate')`` with CUDA reported absent (so the gpu profile is skipped on any machine)."""
-    from stages import Layout, run_stage
-
+def this_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """CUDA reported absent (the gpu profile is skipped on any machine) and one machine identity file for
+    the module: measurement stages are keyed on it, so selection sees their outputs as up to date."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hardware.torch.cuda, "is_available", lambda: False)
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))  # the machine identity file
-        run_stage("evaluate", load_params(project_root / "params.yaml"), Layout(project_root))
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def evaluated(project_root: Path, this_machine: None) -> Path:
+    """``run_stage`` of DynaBERT's measurement and of selection; the measurement's output."""
+    from stages import Layout, run_stage
+
+    for stage in ("evaluate", "select"):
+        run_stage(stage, load_params(project_root / "params.yaml"), Layout(project_root))
     return project_root / "artifacts" / "evaluation"
+
+
+@pytest.fixture(scope="module")
+def selected(evaluated: Path, project_root: Path) -> Path:
+    return project_root / "artifacts" / "selection"
 
 
 def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_root: Path) -> None:
@@ -285,6 +303,7 @@ def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_ro
     status = {e["profile"]["name"]: e["status"] for e in results["profiles"]}
     assert status == {"cpu1": "measured", "cpu_all": "measured", "gpu": "skipped"}
     grid = {"w1.0_d1.0", "w0.5_d1.0", "w1.0_d0.5", "w0.5_d0.5"}
+    assert results["methods"] == ["dynabert"] and all(e["selection"] is None for e in results["profiles"])
     for entry in results["profiles"][:2]:
         rows = {point_name(r): r for r in entry["rows"]}
         assert set(rows) == grid
@@ -299,7 +318,9 @@ def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_ro
         }
     metrics = json.loads((project_root / "metrics" / "evaluate.json").read_text())
     assert metrics["profiles_measured"] == 2 and metrics["profiles_skipped"] == 1
-    assert metrics["cpu1.selected.width"] in (1.0, 0.5)
+    assert metrics["candidates"] == 4 and "dev.dynabert/w0.5_d0.5.acc" in metrics
+    selection = json.loads((project_root / "metrics" / "select.json").read_text())
+    assert 0 <= selection["cpu1.selected.acc"] <= 1
 
 
 def test_absent_device_is_skipped_with_a_note(evaluated: Path, project_root: Path) -> None:
@@ -321,43 +342,44 @@ def test_absent_hardware_notes(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def test_report_and_plots_have_one_point_per_grid_cell(evaluated: Path) -> None:
-    report = (evaluated / "report.md").read_text()
-    results = load_results([evaluated])[0]
+def test_report_and_plots_have_one_point_per_grid_cell(selected: Path) -> None:
+    report = (selected / "report.md").read_text()
+    results = load_results([selected])[0]
     for entry in results["profiles"][:2]:
         name = entry["profile"]["name"]
         assert f"![{name}: dev acc vs latency](pareto_{name}.png)" in report
-        assert (evaluated / f"pareto_{name}.png").stat().st_size > 5000
+        assert (selected / f"pareto_{name}.png").stat().st_size > 5000
         points = plot_points(entry)
-        assert sorted(p["name"] for p in points) == sorted(point_name(r) for r in entry["rows"])
+        assert sorted(p["candidate"] for p in points) == sorted(r["candidate"] for r in entry["rows"])
         assert len(points) == 4 and any(p["on_front"] for p in points)
         assert sum(p["selected"] for p in points) == (1 if entry["selection"]["row"] else 0)
-    assert report.count("| w") >= 8  # a table row per grid point and measured profile
+    # a table row per grid point and measured profile (the selected one in bold)
+    assert report.count("| dynabert/w") + report.count("| **dynabert/w") == 8
 
 
-def test_selection_exports_within_budget_only(evaluated: Path, project_root: Path) -> None:
-    results = load_results([evaluated])[0]
+def test_selection_exports_within_budget_only(selected: Path, project_root: Path) -> None:
+    results = load_results([selected])[0]
     cpu1, cpu_all = results["profiles"][0], results["profiles"][1]
-    assert cpu1["selection"]["status"] == "selected" and cpu1["export"] == "artifacts/evaluation/exports/cpu1"
+    assert cpu1["selection"]["status"] == "selected" and cpu1["export"] == "artifacts/selection/exports/cpu1"
     assert cpu_all["selection"]["status"] == "none_fit" and cpu_all["export"] is None
-    assert "no sub-network fits profile 'cpu_all'" in (evaluated / "report.md").read_text()
-    export = evaluated / "exports" / "cpu1"
+    assert "no candidate fits profile 'cpu_all'" in (selected / "report.md").read_text()
+    export = selected / "exports" / "cpu1"
     summary = json.loads((export / "export.json").read_text())
     assert summary["diff_onnx"] <= 1e-4 and summary["diff_hf"] <= 1e-4
     card = (export / "README.md").read_text()
     chosen = cpu1["selection"]["row"]
     assert f"width {chosen['width']:g}, depth {chosen['depth']:g}" in card and "`cpu1`" in card
     assert "latency (ms per batch)" in card and "dev acc" in card
-    assert not (evaluated / "exports" / "cpu_all").exists()
+    assert not (selected / "exports" / "cpu_all").exists()
     per_profile = json.loads((project_root / "metrics" / "eval_cpu1.json").read_text())
-    assert per_profile["selected"]["width"] == chosen["width"] and len(per_profile["grid"]) == 4
+    assert per_profile["selected"]["candidate"] == chosen["candidate"] and per_profile["candidates"] == 4
 
 
-def test_cli_report_merges_a_profile_measured_elsewhere(evaluated: Path, project_root: Path,
+def test_cli_report_merges_a_profile_measured_elsewhere(selected: Path, project_root: Path,
                                                         tmp_path: Path) -> None:  # fmt: skip
     from dynaflow.cli import main
 
-    local = load_results([evaluated])[0]
+    local = load_results([selected])[0]
     remote = json.loads(json.dumps(local))
     gpu = dict(remote["profiles"][1], profile=remote["profiles"][2]["profile"], export=None)
     gpu["machine"] = dict(gpu["machine"], host="gpu-box", cuda=["Some GPU"])
@@ -365,15 +387,17 @@ def test_cli_report_merges_a_profile_measured_elsewhere(evaluated: Path, project
     (tmp_path / "hw" / "gpu").mkdir(parents=True)
     (tmp_path / "hw" / "gpu" / "results.json").write_text(json.dumps(remote))
     out = tmp_path / "report"
-    assert main(["report", "--params", str(project_root / "params.yaml"), "--results", str(evaluated),
+    assert main(["report", "--params", str(project_root / "params.yaml"), "--results", str(selected),
                  str(tmp_path / "hw" / "gpu"), "--out", str(out)]) == 0  # fmt: skip
     report = (out / "report.md").read_text()
     assert "**Skipped**" not in report and "`gpu-box`" in report and (out / "pareto_gpu.png").is_file()
-    assert [e["status"] for e in load_results([out])[0]["profiles"]] == ["measured"] * 3
+    merged = load_results([out])[0]
+    assert [e["status"] for e in merged["profiles"]] == ["measured"] * 3
+    assert merged["profiles"][0]["selection"] == local["profiles"][0]["selection"]  # kept: one source
 
 
 @pytest.fixture(scope="module")
-def theseus_evaluated(project_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def theseus_evaluated(project_root: Path, this_machine: None) -> Path:
     """The theseus_eval stage on a 1-layer plain BERT standing in for the successor of the 2-layer model."""
     from stages import Layout, run_stage
 
@@ -385,53 +409,50 @@ def theseus_evaluated(project_root: Path, tmp_path_factory: pytest.TempPathFacto
     BertForSequenceClassification(config).save_pretrained(successor_dir)
     (successor_dir / "metrics.json").write_text(json.dumps({"predecessor_layers": teacher_layers}))
     write_manifest(successor_dir, "test")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hardware.torch.cuda, "is_available", lambda: False)
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        run_stage("theseus_eval", load_params(project_root / "params.yaml"), Layout(project_root))
+    run_stage("theseus_eval", load_params(project_root / "params.yaml"), Layout(project_root))
     return project_root / "artifacts" / "theseus-evaluation"
 
 
-def test_theseus_points_join_the_report_beside_equal_depth(
+def test_theseus_points_join_the_selection_beside_equal_depth(
     evaluated: Path, theseus_evaluated: Path, project_root: Path, tmp_path: Path
 ) -> None:
-    from dynaflow.evalcli import rebuild_report
+    from stages import Layout, run_stage
 
     results = load_results([theseus_evaluated])[0]
-    assert results["method"] == "theseus"
+    assert results["methods"] == ["theseus"]
     assert [e["status"] for e in results["profiles"]] == ["measured", "measured", "skipped"]
     for entry in results["profiles"][:2]:
         (r,) = entry["rows"]
         assert (r["method"], r["layers"], r["depth"], r["width"]) == ("theseus", 1, 0.5, 1.0)
-        assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and point_name(r) == "theseus_L1"
+        assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and r["candidate"] == "theseus/L1"
     grid_rows = {point_name(r): r for r in load_results([evaluated])[0]["profiles"][0]["rows"]}
     # a plain 1-layer BERT has the size of the DynaBERT sub-network at full width, half depth
     assert results["profiles"][0]["rows"][0]["params"] == grid_rows["w1.0_d0.5"]["params"]
+    assert results["profiles"][0]["rows"][0]["gflops_per_seq"] == grid_rows["w1.0_d0.5"]["gflops_per_seq"]
 
-    report, note = rebuild_report(project_root, out=tmp_path / "report")
-    assert "compared with theseus" in note
-    merged = load_results([tmp_path / "report"])[0]
-    text = report.read_text()
-    grid_entries = load_results([evaluated])[0]["profiles"]
-    for entry, grid_entry in zip(merged["profiles"][:2], grid_entries, strict=False):
-        assert [point_name(r) for r in entry["comparison_rows"]] == ["theseus_L1"]
-        assert entry["rows"] == grid_entry["rows"]  # the DynaBERT grid, unchanged
-        assert entry["selection"] == grid_entry["selection"]  # Theseus is not a candidate for selection
-    assert text.count("| theseus_L1 | 1 | 1 | ") == 2  # the equal-depth table, once per measured profile
-    assert text.count("| w1.0_d0.5 | 1 | 1 | ") == 2 and text.count("| w0.5_d0.5 | 1 | 0.5 | ") == 2
-    assert "| w1.0_d1.0 | 2 |" not in text  # only equal depths beside it
+    # Selection gathers every fresh measurement: both methods' candidates on one front per profile.
+    run_stage("select", load_params(project_root / "params.yaml"), Layout(project_root))
+    merged = load_results([project_root / "artifacts" / "selection"])[0]
+    assert merged["methods"] == ["dynabert", "theseus"]
+    text = (project_root / "artifacts" / "selection" / "report.md").read_text()
+    for entry in merged["profiles"][:2]:
+        assert sorted(r["candidate"] for r in entry["rows"]) == sorted([*(f"dynabert/{n}" for n in grid_rows),
+                                                                       "theseus/L1"])  # fmt: skip
+    assert text.count("| theseus/L1 | 1 | theseus | ") == 2  # the equal-depth table, once per profile
+    assert text.count("| dynabert/w1.0_d0.5 | 1 | dynabert | ") == 2
+    assert "| dynabert/w1.0_d1.0 | 2 |" not in text  # only equal depths side by side
 
 
 def test_merged_report_is_rebuilt_only_when_results_or_files_change(
     evaluated: Path, theseus_evaluated: Path, project_root: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    from dynaflow import report as report_module
-    from dynaflow.evalcli import rebuild_report
+    from stages import select as select_stage
+    from stages.select import rebuild_report
 
     renders: list[Path] = []
-    real_write = report_module.write_report
-    monkeypatch.setattr(report_module, "write_report", lambda r, o: renders.append(o) or real_write(r, o))
+    real_write = select_stage.write_report
+    monkeypatch.setattr(select_stage, "write_report", lambda r, o: renders.append(o) or real_write(r, o))
     out = tmp_path / "report"
     rebuild_report(project_root, [evaluated], out)
     built = out.joinpath("report.md").read_text()
@@ -445,13 +466,13 @@ def test_merged_report_is_rebuilt_only_when_results_or_files_change(
     assert len(renders) == 2 and plot.is_file() and "not rebuilt" not in note
 
     _, note = rebuild_report(project_root, [evaluated, theseus_evaluated], out)  # new results to merge
-    assert len(renders) == 3 and "compared with theseus" in note
-    assert "theseus_L1" in out.joinpath("report.md").read_text()
+    assert len(renders) == 3 and "methods dynabert, theseus" in note
+    assert "theseus/L1" in out.joinpath("report.md").read_text()
     assert not list(out.glob(".*.tmp*"))  # every file was written under a temporary name, then renamed
 
 
 def test_report_warns_about_a_busy_machine(evaluated: Path, tmp_path: Path) -> None:
-    from dynaflow.report import write_report
+    from dynaflow.evaluation.report import write_report
 
     results = load_results([evaluated])[0]
     assert all("foreign_load_cores" in e for e in results["profiles"] if e["status"] == "measured")
@@ -491,6 +512,7 @@ def test_one_profile_flow_writes_its_own_results(project_root: Path, tmp_path: P
     entries = load_results([out])[0]["profiles"]
     assert [e["profile"]["name"] for e in entries] == ["cpu1"] and entries[0]["status"] == "measured"
     assert (out / "exports" / "cpu1" / "model.onnx").is_file() and (out / "manifest.json").is_file()
+    assert entries[0]["selection"]["status"] == "selected"  # every method's candidates, selected here
     from dynaflow.config import ConfigError
 
     with pytest.raises(ConfigError, match="no hardware profile 'tpu'"):
@@ -609,4 +631,5 @@ def test_a_process_worker_runs_the_profile_deployment_from_prefect_yaml(
         assert state is not None and state.is_completed(), state
     entries = load_results([out])[0]["profiles"]
     assert [(e["profile"]["name"], e["status"]) for e in entries] == [("cpu_all", "measured")]
-    assert len(entries[0]["rows"]) == 4 and (out / "manifest.json").is_file()
+    assert sum(r["method"] == "dynabert" for r in entries[0]["rows"]) == 4
+    assert (out / "manifest.json").is_file()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from dynaflow.extract import count_parameters, extract_subnetwork, subnetwork_flops, subnetwork_params
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
+from dynaflow.models.extract import count_parameters, extract_subnetwork, subnetwork_flops, subnetwork_params
 from tests.conftest import TINY_BERT, tiny_elastic
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynaflow import glue
-from dynaflow.glue import (
+from dynaflow.data import glue
+from dynaflow.data.glue import (
     TASKS,
     GlueFileNotFoundError,
     HubUnavailableError,

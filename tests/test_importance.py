@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynaflow.importance import compute_importance, rewire_
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.methods.dynabert.importance import compute_importance, rewire_
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 from tests.conftest import tiny_elastic
 
 pytestmark = pytest.mark.usefixtures("single_thread")

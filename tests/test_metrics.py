@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import pytest
 
-from dynaflow.glue import TASKS
-from dynaflow.metrics import compute_metrics, main_score, matthews_corrcoef, pearson, spearman
+from dynaflow.data.glue import TASKS
+from dynaflow.evaluation.metrics import compute_metrics, main_score, matthews_corrcoef, pearson, spearman
 
 
 def test_accuracy_from_class_ids_and_logits():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
-from dynaflow.modeling import (
+from dynaflow.models.elastic_bert import (
     ElasticBertConfig,
     ElasticBertForSequenceClassification,
     hidden_layer_map,

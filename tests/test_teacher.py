@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from dynaflow.config import Params
-from dynaflow.data import load_split, read_task_meta
-from dynaflow.tracking import NullTracker
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import load_split, read_task_meta
 from stages import data, teacher
 from tests.conftest import tiny_params
 
@@ -19,7 +19,7 @@ from tests.conftest import tiny_params
 def prepare(tmp_path: Path, params: Params) -> Path:
     out = tmp_path / "data"
     out.mkdir(parents=True)
-    data.run(params.data, params.backbone, params.seed, out, NullTracker())
+    data.prepare(params.data, params.backbone, params.seed, out, NullTracker())
     return out
 
 
@@ -50,7 +50,7 @@ def test_data_stage_writes_splits_and_metadata(tmp_path: Path, tiny_backbone: Pa
 def run_teacher(tmp_path: Path, params: Params, data_dir: Path, on_step=None) -> Path:
     out, work = tmp_path / "teacher", tmp_path / "work"
     out.mkdir(parents=True, exist_ok=True)
-    teacher.run(
+    teacher.fine_tune(
         params.teacher, params.backbone, params.seed, data_dir, out, work, "fp", NullTracker(), on_step
     )
     return out

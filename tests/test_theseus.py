@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
 from dynaflow.config import ConfigError, Params, TheseusConfig, load_params
-from dynaflow.theseus import (
+from dynaflow.core.tracking import NullTracker
+from dynaflow.methods.theseus.model import (
     ReplacingSchedule,
     build_theseus,
     check_backbone,
@@ -21,8 +22,7 @@ from dynaflow.theseus import (
     export_successor,
     theseus_encoder,
 )
-from dynaflow.tracking import NullTracker
-from dynaflow.train import make_optimizer
+from dynaflow.training.loop import make_optimizer
 from stages import STAGES, Layout, flow_stages, run_stage
 from stages import theseus as theseus_stage
 from tests.conftest import make_tiny_backbone, tiny_params
@@ -187,7 +187,7 @@ def test_stage_end_to_end(project: Path) -> None:
     """data -> teacher -> theseus through the runner: output, metrics, replacing rate per step in tracking."""
     params = load_params(project / "params.yaml", ["theseus.batch_size=8", "theseus.learning_rate=1e-3"])
     layout = Layout(project)
-    assert flow_stages("theseus") == ["data", "teacher", "theseus", "theseus_eval"]
+    assert flow_stages("theseus") == ["data", "teacher", "theseus", "theseus_eval", "select"]
     assert "theseus" not in flow_stages("dynaflow")
     for name in ("data", "teacher"):
         run_stage(name, params, layout)
@@ -225,7 +225,7 @@ def test_resume_after_crash_matches_uninterrupted(
     def run(where: Path, on_step=None) -> dict[str, torch.Tensor]:
         out = where / "out"
         out.mkdir(parents=True, exist_ok=True)
-        theseus_stage.run(params.theseus, params.seed, teacher_dir, data_dir, out, where / "work", "fp",
+        theseus_stage.compress(params.theseus, params.seed, teacher_dir, data_dir, out, where / "work", "fp",
                           NullTracker(), on_step)  # fmt: skip
         return load_file(out / "model.safetensors")
 
@@ -265,13 +265,14 @@ def test_theseus_flow_shares_cached_stages_with_dynaflow(
     def statuses(results: dict) -> str:
         return " ".join(f"{name}:{r['status']}" for name, r in results.items())
 
-    assert statuses(theseus(params_path=params_path)) == "data:ran teacher:ran theseus:ran theseus_eval:ran"
-    cached = "data:cached teacher:cached theseus:cached theseus_eval:cached"
+    ran = "data:ran teacher:ran theseus:ran theseus_eval:ran select:ran"
+    assert statuses(theseus(params_path=params_path)) == ran
+    cached = "data:cached teacher:cached theseus:cached theseus_eval:cached select:cached"
     assert statuses(theseus(params_path=params_path)) == cached
     changed = theseus(params_path=params_path, overrides=["theseus.replacing_rate=0.5"])
-    assert statuses(changed) == "data:cached teacher:cached theseus:ran theseus_eval:ran"
-    # the flow ends with the merged report: here the Theseus point alone (no DynaBERT evaluation yet)
-    assert "theseus_L1" in (project / "reports" / "evaluation" / "report.md").read_text()
+    assert statuses(changed) == "data:cached teacher:cached theseus:ran theseus_eval:ran select:ran"
+    # the flow ends with selection and the merged report: here the Theseus point alone (no DynaBERT yet)
+    assert "theseus/L1" in (project / "reports" / "evaluation" / "report.md").read_text()
     # The DynaBERT flow reuses the same data and teacher outputs, and does not run theseus.
     assert statuses(pipeline(params_path=params_path, until="teacher")) == "data:cached teacher:cached"
 
@@ -295,4 +296,5 @@ def test_cli_checks_the_ratio_before_starting_prefect(project: Path, capsys: pyt
     assert "theseus.compress_ratio = 4 does not divide the predecessor's 2 layers" in capsys.readouterr().err
     assert main(["status", "--flow", "theseus", "--params", str(project / "params.yaml")]) == 1
     shown = capsys.readouterr().out
-    assert [line.split()[0] for line in shown.splitlines()] == ["data", "teacher", "theseus", "theseus_eval"]
+    stages = [line.split()[0] for line in shown.splitlines()]
+    assert stages == ["data", "teacher", "theseus", "theseus_eval", "select"]

@@ -129,7 +129,7 @@ def machine_file() -> Path:
     text = json.dumps(machine_identity(), indent=2, sort_keys=True) + "\n"
     with contextlib.suppress(OSError):
         if not path.is_file() or path.read_text() != text:
-            from dynaflow.artifacts import atomic_write_bytes
+            from dynaflow.core.artifacts import atomic_write_bytes
 
             atomic_write_bytes(path, text.encode())
     return path

@@ -1,8 +1,8 @@
 """Export a static sub-network and count its parameters / FLOPs.
 
 :func:`extract_subnetwork` copies the (``width_mult``, ``depth_mult``) sub-network of an elastic model into a
-physically smaller :class:`~dynaflow.modeling.ElasticBertForSequenceClassification`: only kept layers
-(renumbered), only the first heads / FFN neurons, contiguous weights. It saves and loads with
+physically smaller :class:`~dynaflow.models.elastic_bert.ElasticBertForSequenceClassification`: only kept
+layers (renumbered), only the first heads / FFN neurons, contiguous weights. It saves and loads with
 ``save_pretrained`` / ``from_pretrained`` and gives the elastic model's logits at that width and depth.
 
 The analytic counts follow ``research/dynabert.md`` §8: parameters include embeddings, pooler and classifier;
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import BertConfig
 
-from dynaflow.modeling import (
+from dynaflow.models.elastic_bert import (
     ElasticBertConfig,
     ElasticBertForSequenceClassification,
     SubnetShape,

@@ -125,9 +125,22 @@ _SST2 = ColumnLayout(("sentence", "label"), True, text_a_col=0, text_b_col=None,
 _COLA = ColumnLayout(("source", "label", "original_label_mark", "sentence"), False, 3, None, 1)
 # STS-B train/dev: 10 columns with header; processor reads line[7], line[8], score line[-1] (= 9).
 _STSB = ColumnLayout(
-    ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
-     "score"),
-    True, 7, 8, 9,
+    (
+        "index",
+        "genre",
+        "filename",
+        "year",
+        "old_index",
+        "source1",
+        "source2",
+        "sentence1",
+        "sentence2",
+        "score",
+    ),
+    True,
+    7,
+    8,
+    9,
 )
 # MRPC train/dev: header "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String" (BOM in the original);
 # processor reads line[3], line[4], label line[0].
@@ -142,8 +155,16 @@ _WNLI = ColumnLayout(("index", "sentence1", "sentence2", "label"), True, 1, 2, 3
 # processor reads line[3], line[4], line[5] (and silently skips short rows; we make that opt-in).
 _QQP = ColumnLayout(("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), True, 3, 4, 5)
 _MNLI_COMMON = (
-    "index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-    "sentence1_parse", "sentence2_parse", "sentence1", "sentence2",
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
 )
 # MNLI train: 12 columns ending "label1\tgold_label"; dev_matched/dev_mismatched: 16 columns ending
 # "label1..label5\tgold_label". Processor reads line[8], line[9], label line[-1].
@@ -159,14 +180,32 @@ _ACC = ("acc",)
 _ACC_F1 = ("acc", "f1", "acc_and_f1")
 
 
-def _spec(name: str, dir_name: str, labels: tuple[str, ...], metrics: tuple[str, ...],
-          hub_cols: tuple[str, ...], train: ColumnLayout, dev: ColumnLayout | None = None, *,
-          regression: bool = False, dev_splits: tuple[str, ...] = ("dev",),
-          aliases: tuple[str, ...] = ()) -> TaskSpec:
+def _spec(
+    name: str,
+    dir_name: str,
+    labels: tuple[str, ...],
+    metrics: tuple[str, ...],
+    hub_cols: tuple[str, ...],
+    train: ColumnLayout,
+    dev: ColumnLayout | None = None,
+    *,
+    regression: bool = False,
+    dev_splits: tuple[str, ...] = ("dev",),
+    aliases: tuple[str, ...] = (),
+) -> TaskSpec:
     return TaskSpec(
-        name=name, dir_name=dir_name, labels=labels, is_regression=regression, metric_names=metrics,
-        main_metric=metrics[0], dev_splits=dev_splits, hub_config=name, hub_text_columns=hub_cols,
-        train_layout=train, dev_layout=dev or train, aliases=aliases,
+        name=name,
+        dir_name=dir_name,
+        labels=labels,
+        is_regression=regression,
+        metric_names=metrics,
+        main_metric=metrics[0],
+        dev_splits=dev_splits,
+        hub_config=name,
+        hub_text_columns=hub_cols,
+        train_layout=train,
+        dev_layout=dev or train,
+        aliases=aliases,
     )
 
 
@@ -175,16 +214,32 @@ TASKS: dict[str, TaskSpec] = {
     for t in (
         _spec("sst2", "SST-2", _BINARY, _ACC, ("sentence",), _SST2, aliases=("sst-2", "sst")),
         _spec("cola", "CoLA", _BINARY, ("mcc",), ("sentence",), _COLA),
-        _spec("stsb", "STS-B", (), ("pearson", "spearmanr", "corr"), ("sentence1", "sentence2"), _STSB,
-              regression=True, aliases=("sts-b", "sts")),
+        _spec(
+            "stsb",
+            "STS-B",
+            (),
+            ("pearson", "spearmanr", "corr"),
+            ("sentence1", "sentence2"),
+            _STSB,
+            regression=True,
+            aliases=("sts-b", "sts"),
+        ),
         _spec("mrpc", "MRPC", _BINARY, _ACC_F1, ("sentence1", "sentence2"), _MRPC),
         _spec("rte", "RTE", _NLI2, _ACC, ("sentence1", "sentence2"), _RTE),
         _spec("qnli", "QNLI", _NLI2, _ACC, ("question", "sentence"), _QNLI),
         # Label order as in HF's legacy MnliProcessor (and DynaBERT), NOT the hub's ClassLabel order
         # (entailment, neutral, contradiction); load_from_hub remaps by name.
-        _spec("mnli", "MNLI", ("contradiction", "entailment", "neutral"), _ACC, ("premise", "hypothesis"),
-              _MNLI_TRAIN, _MNLI_DEV, dev_splits=("dev_matched", "dev_mismatched"),
-              aliases=("mnli-m", "mnli-mm")),
+        _spec(
+            "mnli",
+            "MNLI",
+            ("contradiction", "entailment", "neutral"),
+            _ACC,
+            ("premise", "hypothesis"),
+            _MNLI_TRAIN,
+            _MNLI_DEV,
+            dev_splits=("dev_matched", "dev_mismatched"),
+            aliases=("mnli-m", "mnli-mm"),
+        ),
         _spec("qqp", "QQP", _BINARY, _ACC_F1, ("question1", "question2"), _QQP),
         _spec("wnli", "WNLI", _BINARY, _ACC, ("sentence1", "sentence2"), _WNLI),
     )
@@ -275,8 +330,9 @@ def _parse_label(task: TaskSpec, raw: str) -> int | float | str:
         return f"a label in {list(task.labels)}, got {value!r}"
 
 
-def read_split(task: str | TaskSpec, glue_dir: str | os.PathLike[str], split: str,
-               skip_malformed: bool = False) -> SplitData:
+def read_split(
+    task: str | TaskSpec, glue_dir: str | os.PathLike[str], split: str, skip_malformed: bool = False
+) -> SplitData:
     """Read ``<glue_dir>/<Task dir>/<split>.tsv`` in the GLUE download layout.
 
     ``split`` is "train", "dev" (the selection dev split) or one of ``task.dev_splits``
@@ -360,8 +416,12 @@ def read_split(task: str | TaskSpec, glue_dir: str | os.PathLike[str], split: st
 
 # --- Hub -----------------------------------------------------------------------------------------
 
-_HUB_SPLITS = {"train": "train", "dev": "validation", "dev_matched": "validation_matched",
-               "dev_mismatched": "validation_mismatched"}
+_HUB_SPLITS = {
+    "train": "train",
+    "dev": "validation",
+    "dev_matched": "validation_matched",
+    "dev_mismatched": "validation_mismatched",
+}
 
 
 def load_from_hub(task: str | TaskSpec, split: str) -> SplitData:
@@ -408,8 +468,12 @@ def load_from_hub(task: str | TaskSpec, split: str) -> SplitData:
     return SplitData(text_a, text_b, labels, source=f"{spec.hub_id}/{spec.hub_config}:{hub_split}")
 
 
-def load_split(task: str | TaskSpec, split: str, glue_dir: str | os.PathLike[str] | None = None,
-               skip_malformed: bool = False) -> SplitData:
+def load_split(
+    task: str | TaskSpec,
+    split: str,
+    glue_dir: str | os.PathLike[str] | None = None,
+    skip_malformed: bool = False,
+) -> SplitData:
     """Read from the local GLUE dir (configured, else ``GLUE_DIR``) if there is one, else from the hub."""
     root = find_glue_dir(glue_dir)
     if root is not None:

@@ -11,31 +11,23 @@ import sys
 import time
 from pathlib import Path
 
-from dynaflow.backbone import check_grid
+from dynaflow.cli.env import project_env
 from dynaflow.config import ConfigError, load_params
+from dynaflow.models.backbone import check_grid
 
 EPILOG = """examples:
   dynaflow run                              # the whole pipeline through Prefect, cached per stage
   dynaflow run --set teacher.epochs=3       # override any params.yaml key for this run
   dynaflow run --flow theseus               # BERT-of-Theseus: data, teacher, a successor of L/r layers
+  dynaflow run --flow compare               # every method, every candidate on one front per profile
   dynaflow stage teacher                    # one stage, no Prefect (this is what `dvc repro` calls)
   dynaflow stage teacher --nproc 4          # data-parallel: 4 processes under torchrun (DDP, gloo/NCCL)
   dynaflow status                           # which stage outputs are up to date
   dynaflow export --width 0.5 --depth 0.5 --onnx   # any sub-network by hand -> exports/w0.5_d0.5/
   dynaflow report                           # rebuild the evaluation report from stored results
   dynaflow evaluate --profile gpu           # one hardware profile, on the machine that has it
+  dynaflow dvc-yaml --check                 # is dvc.yaml in step with the stage registry?
 """
-
-
-def _project_env(root: Path) -> None:
-    """Project-local state for Prefect and MLflow unless the user points them elsewhere."""
-    os.environ.setdefault("PREFECT_HOME", str(root / ".prefect-home"))
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".prefect-home" / "results"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server needs ~10-20 s to start on a 2-core machine; the default 20 s is too tight.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _launch_overrides(args: argparse.Namespace) -> None:
@@ -48,7 +40,7 @@ def _launch_overrides(args: argparse.Namespace) -> None:
 
 def relaunch_command(args: argparse.Namespace, launch: object) -> list[str]:
     """``dynaflow stage ...`` again, as every process of a torchrun launch runs it."""
-    from dynaflow.distributed import launch_command
+    from dynaflow.core.distributed import launch_command
 
     cli_args = ["-v"] if args.verbose else []
     cli_args += ["stage", args.name, "--params", str(Path(args.params).resolve())]
@@ -63,20 +55,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     root = Path(args.params).resolve().parent
     # Fail on bad params before paying for Prefect's start-up.
     params = load_params(args.params, args.set)
-    if args.flow == "theseus":
-        from dynaflow.theseus import check_backbone
+    from stages import flow_stages
+
+    names = flow_stages(args.flow)
+    if args.until is not None and args.until not in names:
+        raise ConfigError(
+            f"--until {args.until!r}: not a stage of flow {args.flow!r}; stages: {', '.join(names)}"
+        )
+    if "theseus" in names:
+        from dynaflow.methods.theseus.model import check_backbone
 
         check_backbone(params)
-    else:
+    if "width_kd" in names:
         check_grid(params)
-    _project_env(root)
-    if args.flow == "theseus":
-        from flows.theseus import theseus as pipeline
-    else:
-        from flows.pipeline import pipeline
+    project_env(root)
+    from flows.pipeline import run_flow
 
     started = time.perf_counter()
-    results = pipeline(params_path=args.params, overrides=args.set, until=args.until, track=not args.no_track)
+    results = run_flow(args.flow, params_path=args.params, overrides=args.set, until=args.until,
+                       track=not args.no_track)  # fmt: skip
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
     for name, result in results.items():
         print(f"  {name:<10} {result['status']:<7} output  {result['out']}")
@@ -85,8 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from dynaflow import distributed as ddp
-    from dynaflow.tracking import NullTracker, attach_run, start_run
+    from dynaflow.core import distributed as ddp
+    from dynaflow.core.tracking import NullTracker, attach_run, start_run
     from stages import STAGES, Layout, run_stage
 
     if args.name not in STAGES:
@@ -96,7 +93,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.set)
     check_grid(params)
     root = Path(args.params).resolve().parent
-    _project_env(root)
+    project_env(root)
     if STAGES[args.name].distributed and ddp.processes(params.launch) > 1 and not ddp.launched():
         cmd = relaunch_command(args, params.launch)  # this same command, once per process, under torchrun
         print(f"launching: {ddp.describe(cmd)}", file=sys.stderr, flush=True)
@@ -129,22 +126,34 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dynaflow.artifacts import check_output
-    from stages import STAGES, Layout, flow_stages, stage_key
+    from stages import Layout, flow_stages
+    from stages.registry import status
 
     params = load_params(args.params, args.set)
     layout = Layout(Path(args.params).resolve().parent)
-    stale = False
-    for name in flow_stages(args.flow):
-        problem = None
-        for up in STAGES[name].upstream:
-            if check_output(layout.out(up)) is not None:
-                problem = f"waiting for {up}"
-        if problem is None:
-            problem = check_output(layout.out(name), stage_key(name, params, layout))
-        stale |= problem is not None
-        print(f"{name:<10} {'up to date' if problem is None else 'needs to run: ' + problem}")
-    return 1 if stale else 0
+    problems = status(flow_stages(args.flow), params, layout)
+    for name, problem in problems.items():
+        print(f"{name:<12} {'up to date' if problem is None else 'needs to run: ' + problem}")
+    return 1 if any(p is not None for p in problems.values()) else 0
+
+
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from stages.dvcfile import differences, render
+
+    params = load_params(args.params, args.set)
+    path = Path(args.params).resolve().parent / "dvc.yaml"
+    if args.check:
+        problems = differences(path, params)
+        for line in problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        if problems:
+            print("regenerate it with `dynaflow dvc-yaml`", file=sys.stderr)
+        return 1 if problems else 0
+    from dynaflow.core.artifacts import atomic_write_bytes
+
+    atomic_write_bytes(path, render(params).encode())
+    print(f"wrote {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def flow_option(p: argparse.ArgumentParser) -> None:
+        from stages import flows
+
         p.add_argument(
             "--flow",
-            choices=("dynaflow", "theseus"),
+            choices=flows(),
             default="dynaflow",
-            help="dynaflow: the DynaBERT stages (default); theseus: data, teacher, BERT-of-Theseus",
+            help="dynaflow: the DynaBERT stages (default); theseus: data, teacher, BERT-of-Theseus; "
+            "compare: every registered method, selected together. Each flow ends with the select stage",
         )
 
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow, reusing up-to-date stages")
@@ -211,9 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     flow_option(p)
     p.set_defaults(func=cmd_status)
 
-    from dynaflow import evalcli  # export, report, evaluate (one hardware profile)
+    p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry (--check: compare only)")
+    common(p)
+    p.add_argument("--check", action="store_true", help="name what differs and exit 1, write nothing")
+    p.set_defaults(func=cmd_dvc_yaml)
 
-    evalcli.add_commands(sub, common)
+    from dynaflow.cli import evaluation  # export, report, evaluate (one hardware profile)
+
+    evaluation.add_commands(sub, common)
     return parser
 
 

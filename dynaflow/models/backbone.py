@@ -67,7 +67,7 @@ def check_grid(params: Params) -> None:
     """Fail before any work if a width or depth multiplier leaves the backbone with no head or layer."""
     from transformers import AutoConfig
 
-    from dynaflow.modeling import kept_layers, width_heads
+    from dynaflow.models.elastic_bert import kept_layers, width_heads
 
     try:
         config = AutoConfig.from_pretrained(resolve(params.backbone))
@@ -92,7 +92,7 @@ def load_elastic(path: str | Path) -> Any:
     """An ElasticBertForSequenceClassification from a saved (plain HF or elastic) BERT classifier."""
     from transformers.utils import logging as hf_logging
 
-    from dynaflow.modeling import ElasticBertForSequenceClassification
+    from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "model of type bert to instantiate elastic_bert" is intended here

@@ -6,8 +6,8 @@ forward and backward passes and returns the numbers to log. Checkpoints hold mod
 RNG state and position; the batch order is a pure function of ``(seed, epoch)``, so a run that resumes from
 a checkpoint ends with the same weights as one that never stopped.
 
-Data-parallel (``torchrun``, see :mod:`dynaflow.distributed`): every rank walks the same batch order, takes
-its contiguous part of each global batch (cut from the batch padded as a whole, so padding-sensitive
+Data-parallel (``torchrun``, see :mod:`dynaflow.core.distributed`): every rank walks the same batch order,
+takes its contiguous part of each global batch (cut from the batch padded as a whole, so padding-sensitive
 losses are unchanged), runs ``step_fn`` on it, and the gradients are summed across ranks weighted by each
 rank's share before clipping and the optimizer step: N processes take the steps one process takes on the
 same global batch. Logged losses are the example-weighted means over ranks. Only rank 0 shows progress,
@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dynaflow import distributed as ddp
-from dynaflow.data import TokenizedSplit, batch_order, collate
-from dynaflow.tracking import NullTracker
+from dynaflow.core import distributed as ddp
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import TokenizedSplit, batch_order, collate
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dynaflow.modeling import ElasticBertForSequenceClassification, hidden_layer_map
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
 
 Note = Callable[[str], None]
 

@@ -13,7 +13,7 @@ Sub-network rules follow the official DynaBERT code (see docs in ``research/dyna
 Width is applied by slicing weights (``weight[:out, :in]``) before ``F.linear``, never by masking, so a
 narrower sub-network really does less work. Embeddings, LayerNorms, pooler and classifier are never sliced.
 
-A physically smaller sub-network (see :mod:`dynaflow.extract`) is described by
+A physically smaller sub-network (see :mod:`dynaflow.models.extract`) is described by
 ``ElasticBertConfig.heads_per_layer`` / ``intermediate_per_layer``. ``num_attention_heads`` and
 ``intermediate_size`` keep describing the *source* grid, so a width multiplier means the same thing for the
 source model and for an extracted one (the per-layer sizes act as a cap).

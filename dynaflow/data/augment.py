@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dynaflow.data import TokenizedSplit
+from dynaflow.data.splits import TokenizedSplit
 
 CONTINUATION_PREFIX = "##"  # WordPiece: a token with this prefix continues the word before it
 

@@ -166,8 +166,8 @@ def check_backbone(params: Any) -> None:
     """Fail before any work if ``theseus.compress_ratio`` does not divide the backbone's layers."""
     from transformers import AutoConfig
 
-    from dynaflow.backbone import _offline_hint, resolve
     from dynaflow.config import ConfigError
+    from dynaflow.models.backbone import _offline_hint, resolve
 
     try:
         config = AutoConfig.from_pretrained(resolve(params.backbone))

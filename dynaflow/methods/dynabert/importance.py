@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 
 __all__ = ["compute_importance", "rewire_"]
 

@@ -1,15 +1,14 @@
-"""Export a sub-network as a deployable artifact, checked against the elastic model before it is published.
+"""Export a candidate as a deployable artifact, checked against its reference before it is published.
 
-* Hugging Face directory: the physically extracted sub-network (``save_pretrained``), the tokenizer, a model
-  card (``README.md``) and ``modeling_elastic_bert.py``, so ``AutoModelForSequenceClassification`` and
-  ``transformers.pipeline`` open it with ``trust_remote_code=True`` where dynaflow is not installed (after
-  ``import dynaflow.modeling`` no remote code is needed).
+* Hugging Face directory: the candidate's model (``save_pretrained``), the tokenizer, a model card
+  (``README.md``), ``export.json`` and whatever files the method needs to load it without dynaflow
+  (``Candidate.remote_code``, e.g. ``modeling_elastic_bert.py`` for ``trust_remote_code=True``).
 * ONNX (``model.onnx``): inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64,
   ``[batch, sequence]``, both dynamic), output ``logits``.
 
-Before anything is published the saved files are loaded back and their logits compared with the elastic
-model's at the same width and depth on a real dev batch (padding included); beyond ``atol`` (1e-4) the
-export fails with :class:`ExportMismatch`.
+Before anything is published the saved files are loaded back and their logits compared with the
+candidate's reference (DynaBERT: the elastic model at that width and depth) on a real dev batch (padding
+included); beyond ``atol`` (1e-4) the export fails with :class:`ExportMismatch`.
 """
 
 from __future__ import annotations
@@ -19,16 +18,17 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from dynaflow.artifacts import staged_output
-from dynaflow.modeling import ElasticBertForSequenceClassification
+from dynaflow.core.artifacts import staged_output
+
+if TYPE_CHECKING:
+    from dynaflow.evaluation.candidates import Candidate
 
 ATOL = 1e-4
-REMOTE_CODE = "modeling_elastic_bert.py"
 ONNX_FILE = "model.onnx"
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
@@ -43,7 +43,7 @@ READABLE_LABELS = {
 
 
 class ExportMismatch(RuntimeError):
-    """An exported artifact does not reproduce the elastic model's logits."""
+    """An exported artifact does not reproduce its reference logits."""
 
 
 def label_names(meta: Mapping[str, Any]) -> list[str] | None:
@@ -67,12 +67,12 @@ class _LogitsOnly(torch.nn.Module):
 
 
 def export_onnx(
-    model: ElasticBertForSequenceClassification,
+    model: torch.nn.Module,
     path: Path,
     opset: int = 17,
     exporter: str = "torchscript",
 ) -> Path:
-    """Write ``model`` (an extracted sub-network, on CPU) as ONNX with dynamic batch and sequence axes."""
+    """Write ``model`` (a candidate's standalone model, on CPU) as ONNX, batch and sequence axes dynamic."""
     if exporter not in ("torchscript", "dynamo"):
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     path = Path(path)
@@ -99,7 +99,7 @@ def export_onnx(
 def reference_batch(data_dir: Path | None, vocab_size: int, n: int = 16) -> dict[str, torch.Tensor]:
     """The first ``n`` dev examples, padded (a real batch with masking); random ids without data."""
     if data_dir is not None:
-        from dynaflow.data import collate, load_split, read_task_meta
+        from dynaflow.data.splits import collate, load_split, read_task_meta
 
         split = load_split(data_dir, read_task_meta(data_dir)["dev_splits"][0])
         batch = collate(split, list(range(min(n, len(split)))))
@@ -113,89 +113,76 @@ def reference_batch(data_dir: Path | None, vocab_size: int, n: int = 16) -> dict
 
 
 @torch.inference_mode()
-def elastic_logits(
-    model: ElasticBertForSequenceClassification, width: float, depth: float, batch: dict[str, torch.Tensor]
-) -> np.ndarray:
+def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """A sequence classifier's logits on ``batch``, in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
-    out = model(**batch, width_mult=width, depth_mult=depth).logits.float().cpu().numpy()
+    out = model(**batch).logits.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
 def onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    from dynaflow.hardware import ort_runner, ort_session
+    from dynaflow.evaluation.hardware import ort_runner, ort_session
 
     inputs = {k: v.numpy().astype(np.int64) for k, v in batch.items()}
     return ort_runner(ort_session(path, threads=1), inputs)()
 
 
 @torch.inference_mode()
-def hf_dir_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
+def saved_logits(path: Path, batch: dict[str, torch.Tensor], expected_class: str) -> np.ndarray:
+    """Logits of the model saved at ``path``, loaded as a user would (the Auto class)."""
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    if not isinstance(model, ElasticBertForSequenceClassification):
-        raise ExportMismatch(
-            f"{path} loads as {type(model).__name__}, not ElasticBertForSequenceClassification"
-        )
+    if type(model).__name__ != expected_class:
+        raise ExportMismatch(f"{path} loads as {type(model).__name__}, not {expected_class}")
     return model(**batch).logits.float().numpy()
 
 
 def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATOL) -> float:
     """Max absolute logit difference; raise :class:`ExportMismatch` beyond ``atol``."""
     if got.shape != want.shape:
-        raise ExportMismatch(f"{name}: logits of shape {got.shape}, the elastic model gives {want.shape}")
+        raise ExportMismatch(f"{name}: logits of shape {got.shape}, the reference gives {want.shape}")
     diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if got.size else 0.0
     if not diff <= atol:
-        raise ExportMismatch(f"{name}: logits differ from the elastic model's by {diff:.3g} (> {atol:g})")
+        raise ExportMismatch(f"{name}: logits differ from the reference by {diff:.3g} (> {atol:g})")
     return diff
 
 
-def remote_code() -> str:
-    """``dynaflow/modeling.py`` for ``trust_remote_code``, without registering itself with the Auto classes.
-
-    Loaded as remote code, transformers maps the classes through ``config.auto_map``; registering them too
-    would re-point ``elastic_bert`` to the remote copy in a process that also imports dynaflow.
-    """
-    import dynaflow.modeling as source
-
-    text = Path(source.__file__).read_text()
-    return text.replace(
-        "\n_register_auto()\n", "\n# Loaded as remote code: transformers maps the classes via auto_map.\n"
-    )
+def _arch_cell(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def model_card(info: Mapping[str, Any]) -> str:
-    """README.md of an exported sub-network: what it is, how good and fast, and how to run it.
+    """README.md of an exported candidate: what it is, how good and fast, and how to run it.
 
-    ``info``: the export summary plus optional ``metric``, ``metric_name``, ``task``, ``profile`` (a
-    profile dump), ``threads``, ``latency`` (LatencyStats dict), ``memory_mb``, ``budget``, ``machine``,
-    ``source`` and ``path`` (where the export is published, for the usage snippets).
+    ``info``: the export summary (``title``, ``description``, ``method``, ``candidate``, ``arch``, ``params``,
+    ``remote_code``, check diffs) plus optional ``metric``, ``metric_name``, ``task``, ``profile`` (a profile
+    dump), ``threads``, ``latency`` (LatencyStats dict), ``memory_mb``, ``budget``, ``machine``, ``source``
+    and ``path`` (where the export is published, for the usage snippets).
     """
-    w, d = info["width"], info["depth"]
     metric_name = info.get("metric_name") or "score"
     metric = info.get("metric")
     profile = info.get("profile")
     lat = info.get("latency") or {}
+    remote = bool(info.get("remote_code"))
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-classification",
-        "tags: [dynabert, dynaflow, bert, text-classification]",
+        f"tags: [{info['method']}, dynaflow, text-classification]",
         "---",
         "",
-        f"# DynaBERT sub-network: width {w:g}, depth {d:g}",
+        f"# {info['title']}",
         "",
-        f"A physically smaller BERT cut out of a DynaBERT model trained with dynaflow on "
-        f"`{info.get('task', '?')}`: {info['layers']} layer(s) (source layers {info.get('source_layers')}), "
-        f"{info['heads']} attention heads and {info['intermediate']} FFN neurons per layer.",
+        info.get("description")
+        or f"A {info['method']} model trained with dynaflow on `{info.get('task', '?')}`.",
         "",
         "| | |",
         "|---|---|",
-        f"| width multiplier | {w:g} |",
-        f"| depth multiplier | {d:g} |",
-        f"| layers / heads / FFN | {info['layers']} / {info['heads']} / {info['intermediate']} |",
+        f"| candidate | `{info['candidate']}` ({info['method']}) |",
+        *(f"| {k} | {_arch_cell(v)} |" for k, v in (info.get("arch") or {}).items()),
         f"| parameters | {info['params'] / 1e6:.2f} M |",
         f"| dev {metric_name} | " + (f"{metric:.4f}" if metric is not None else "not measured") + " |",
     ]
@@ -220,10 +207,11 @@ def model_card(info: Mapping[str, Any]) -> str:
         m = info["machine"]
         lines.append(f"| measured on | {m.get('cpu')}, {m.get('cpus')} CPUs; torch {m.get('torch')}, "
                      f"onnxruntime {m.get('onnxruntime')} |")  # fmt: skip
+    trust = ", trust_remote_code=True" if remote else ""
     lines += [
         f"| source model | `{info.get('source', '?')}` |",
         "",
-        "Outputs were checked against the elastic model at this width and depth before export "
+        "Outputs were checked against the reference before export "
         f"(max |Δ logit|: Hugging Face {info.get('diff_hf', float('nan')):.2g}"
         + (f", ONNX {info['diff_onnx']:.2g}" if info.get("diff_onnx") is not None else "")
         + f"; tolerance {ATOL:g}).",
@@ -233,8 +221,8 @@ def model_card(info: Mapping[str, Any]) -> str:
         "```python",
         "from transformers import pipeline",
         "",
-        "# with dynaflow installed: import dynaflow.modeling  (then trust_remote_code is not needed)",
-        f'clf = pipeline("text-classification", model="{where}", trust_remote_code=True)',
+        *(["# with dynaflow installed, trust_remote_code is not needed"] if remote else []),
+        f'clf = pipeline("text-classification", model="{where}"{trust})',
         'print(clf("a charming and funny film"))',
         "```",
     ]
@@ -247,7 +235,7 @@ def model_card(info: Mapping[str, Any]) -> str:
             "import onnxruntime as ort",
             "from transformers import AutoTokenizer",
             "",
-            f'tok = AutoTokenizer.from_pretrained("{where}")',
+            f'tok = AutoTokenizer.from_pretrained("{where}"{trust})',
             f'session = ort.InferenceSession("{where}/model.onnx")',
             'enc = tok(["a charming and funny film"], return_tensors="np")',
             'logits = session.run(None, {k: enc[k].astype("int64") for k in '
@@ -257,10 +245,8 @@ def model_card(info: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_export(
-    model: ElasticBertForSequenceClassification,
-    width: float,
-    depth: float,
+def export_candidate(
+    candidate: Candidate,
     out_dir: Path,
     *,
     tokenizer_dir: Path | None,
@@ -272,50 +258,46 @@ def write_export(
     opset: int = 17,
     exporter: str = "torchscript",
 ) -> dict[str, Any]:
-    """Extract (``width``, ``depth``) from the elastic ``model``, check it, publish it at ``out_dir``.
+    """Build ``candidate``, check it, publish it at ``out_dir``; return the summary (also ``export.json``).
 
     Everything is written to a temporary directory next to ``out_dir``, loaded back and compared with the
-    elastic model; ``out_dir`` is replaced only when every check passed. ``onnx_file``: an already exported
-    (and checked) ONNX file of this sub-network to reuse. Returns the export's summary (also
-    ``export.json``).
+    candidate's reference; ``out_dir`` is replaced only when every check passed. ``onnx_file``: an already
+    exported (and checked) ONNX file of this candidate to reuse.
     """
-    from dynaflow.extract import count_parameters, extract_subnetwork
-
     out_dir = Path(out_dir)
-    sub = extract_subnetwork(model, width, depth).eval()
+    model = candidate.build().eval()
     if labels:
-        sub.config.id2label = dict(enumerate(labels))
-        sub.config.label2id = {name: i for i, name in enumerate(labels)}
-    sub.config.auto_map = {
-        "AutoConfig": f"{REMOTE_CODE[:-3]}.ElasticBertConfig",
-        "AutoModelForSequenceClassification": f"{REMOTE_CODE[:-3]}.ElasticBertForSequenceClassification",
-    }
-    want = elastic_logits(model, width, depth, batch)
-    shape = model.subnet_shape(width, depth)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
+    want = candidate.reference(batch) if candidate.reference is not None else model_logits(model, batch)
     summary: dict[str, Any] = {
-        "width": width,
-        "depth": depth,
-        "layers": len(shape.layers),
-        "heads": shape.heads[0],
-        "intermediate": shape.intermediate[0],
-        "source_layers": sub.config.extracted_subnet["source_layers"],
-        "params": count_parameters(sub),
+        "candidate": candidate.id,
+        "method": candidate.method,
+        "name": candidate.name,
+        "title": candidate.title or f"{candidate.method} candidate {candidate.name}",
+        "description": candidate.description,
+        "arch": dict(candidate.arch),
+        "params": sum(p.numel() for p in model.parameters()),
+        "remote_code": sorted(candidate.remote_code),
         **dict(card or {}),
     }
     with staged_output(out_dir) as tmp:
-        sub.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_dir is not None:  # tokenizer files only, never another model's weights or config
             for f in Path(tokenizer_dir).iterdir():
                 if f.is_file() and not (tmp / f.name).exists() and f.suffix not in (".safetensors", ".bin"):
                     shutil.copy2(f, tmp / f.name)
-        (tmp / REMOTE_CODE).write_text(remote_code())
-        summary["diff_hf"] = check_close("Hugging Face export", hf_dir_logits(tmp, batch), want)
+        for name, text in candidate.remote_code.items():
+            (tmp / name).write_text(text)
+        summary["diff_hf"] = check_close(
+            "Hugging Face export", saved_logits(tmp, batch, type(model).__name__), want
+        )
         if onnx:
             target = tmp / ONNX_FILE
             if onnx_file is not None:
                 shutil.copy2(onnx_file, target)
             else:
-                export_onnx(sub, target, opset=opset, exporter=exporter)
+                export_onnx(model, target, opset=opset, exporter=exporter)
             summary["diff_onnx"] = check_close("ONNX export", onnx_logits(target, batch), want)
             summary["onnx"] = ONNX_FILE
         summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["README.md", "export.json"]

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import rankdata
 
-from dynaflow.glue import TaskSpec, get_task
+from dynaflow.data.glue import TaskSpec, get_task
 
 __all__ = [
     "accuracy",

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynaflow.data import TokenizedSplit, iter_batches, load_split
-from dynaflow.metrics import compute_metrics, main_score
+from dynaflow.data.splits import TokenizedSplit, iter_batches, load_split
+from dynaflow.evaluation.metrics import compute_metrics, main_score
 
 LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -44,7 +44,7 @@ def load_dev(data_dir: Path, dev_splits: list[str]) -> dict[str, TokenizedSplit]
     return {name: load_split(data_dir, name) for name in dev_splits}
 
 
-def _inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch without labels, on the model's device (a GPU when training ran on one)."""
     dev = next(model.parameters()).device
     return {k: v.to(dev) for k, v in batch.items() if k != "labels"}
@@ -55,27 +55,6 @@ def hf_logits(model: torch.nn.Module) -> LogitsFn:
 
     def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         model.eval()
-        return model(**_inputs(model, batch)).logits
+        return model(**model_inputs(model, batch)).logits
 
     return fn
-
-
-def evaluate_grid(
-    model: torch.nn.Module,
-    task: str,
-    dev: dict[str, TokenizedSplit],
-    widths: list[float],
-    depths: list[float],
-    batch_size: int = 128,
-) -> dict[str, dict[str, float]]:
-    """Dev metrics of every (width, depth) sub-network of an elastic model, keyed ``w{width}_d{depth}``."""
-    model.eval()
-    results = {}
-    for depth in depths:
-        for width in widths:
-
-            def logits(batch: dict[str, torch.Tensor], w: float = width, d: float = depth) -> torch.Tensor:
-                return model(**_inputs(model, batch), width_mult=w, depth_mult=d).logits
-
-            results[f"w{width}_d{depth}"] = evaluate(logits, task, dev, batch_size)
-    return results

@@ -6,7 +6,7 @@ torch.distributed.run``, which is what ``dynaflow stage NAME --nproc N`` re-exec
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` from the environment and joins one process group: NCCL
 when the process has a GPU, gloo on CPU.
 
-The training loop (:func:`dynaflow.train.fit`) gives each rank a contiguous part of every global batch
+The training loop (:func:`dynaflow.training.loop.fit`) gives each rank a contiguous part of every global batch
 (:func:`shard`), lets the stage's step run its forward and backward passes on it, then sums the gradients
 across ranks weighted by each rank's share of the batch (:func:`all_reduce_gradients`): the result is the
 gradient of the mean loss over the global batch, so N processes take the same steps as one process with

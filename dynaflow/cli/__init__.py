@@ -1,0 +1,5 @@
+"""The ``dynaflow`` command line: the top layer, over ``flows`` and ``stages`` (see ARCHITECTURE.md)."""
+
+from dynaflow.cli.commands import main
+
+__all__ = ["main"]
