@@ -1,10 +1,9 @@
-"""Run the evaluate stage's function on any trained model and data directory, into any output directory.
+"""Measure a trained DynaBERT (and a Theseus successor) on the hardware profiles, into any directory.
 
-The same code as ``dynaflow stage evaluate`` (:func:`stages.evaluate.run`), without the stage runner: for
-benchmarking a model trained elsewhere without touching its project. Prints each measured profile's table.
-
-With ``--theseus DIR`` the Theseus successor (``theseus`` stage output) is measured right after, by the
-``theseus_eval`` stage's function, into ``OUT/theseus``, and the merged report goes to ``OUT/merged``.
+The same harness as the measurement stages (:func:`stages.measure.measure_into`) and the same selection
+as the ``select`` stage (without the quality floor, which needs the project's teacher), without the stage
+runner: for benchmarking a model trained elsewhere without touching its project. Prints each measured
+profile's table; writes ``OUT/results.json`` and ``OUT/report.md``.
 
 Example::
 
@@ -16,14 +15,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
 
 from dynaflow.config import load_params
-from dynaflow.core.tracking import NullTracker
-from dynaflow.evaluation.report import profile_table
+from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.evaluation.report import equal_layers_table, merge_results, profile_table, write_report
+from dynaflow.evaluation.selection import select
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,32 +38,44 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from dynaflow.cli.evaluation import rebuild_report
-    from dynaflow.evaluation.report import equal_depth_table
-    from stages import evaluate, theseus_eval
+    from dynaflow.methods.dynabert import candidates as dynabert
+    from dynaflow.methods.theseus import candidates as theseus
+    from dynaflow.models.backbone import load_elastic
+    from stages.measure import measure_into
 
     params = load_params(args.params, args.set)
+    cfg = params.evaluate
+    profiles = [cfg.profile(n) for n in args.profiles] if args.profiles else list(cfg.profiles)
     args.out.mkdir(parents=True, exist_ok=True)
-    evaluate.run(
-        params.evaluate, params.widths, params.depths, args.model, args.data, args.out, NullTracker(),
-        metrics_dir=args.out / "metrics", only=args.profiles, published_as=args.out,
-    )  # fmt: skip
+    grid = dynabert.grid(load_elastic(args.model).eval(), params.widths, params.depths)
+    docs = [
+        measure_into(
+            grid, dynabert.METHOD, args.model, args.data, profiles, cfg, args.out, args.out / "dynabert"
+        )
+    ]
     if args.theseus is not None:
-        theseus_eval.run(params.evaluate, args.theseus, args.data, args.out / "theseus", NullTracker())
-        report, note = rebuild_report(args.out, [args.out, args.out / "theseus"], args.out / "merged")
-        print(f"{note}: {report}")
-    merged = args.out / ("merged" if args.theseus is not None else "") / "results.json"
-    results = json.loads(merged.read_text())
+        successor = [theseus.successor(args.theseus)]
+        docs.append(measure_into(successor, theseus.METHOD, args.theseus, args.data, profiles, cfg, args.out,
+                                 args.out / "theseus"))  # fmt: skip
+    results = merge_results(docs)
+    for entry in results["profiles"]:
+        if entry["status"] == "measured":
+            profile = cfg.profile(entry["profile"]["name"])
+            chosen = select(
+                entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
+            )
+            entry["selection"] = chosen.as_dict()
+    atomic_write_json(args.out / "results.json", results)
+    report = write_report(results, args.out)
     for entry in results["profiles"]:
         print(f"\n### {entry['profile']['name']} ({entry['status']})\n")
         if entry["status"] != "measured":
             print(entry["note"])
             continue
         print(entry["selection"]["message"] + "\n")
-        print("\n".join(profile_table(entry, results["main_metric"], params.evaluate.budget_stat)))
-        if entry.get("comparison_rows"):
-            print("\n" + "\n".join(equal_depth_table(entry, results["main_metric"])))
-    print(f"\nreport: {args.out / 'report.md'}")
+        print("\n".join(profile_table(entry, results["main_metric"], cfg.budget_stat)))
+        print("\n" + "\n".join(equal_layers_table(entry, results["main_metric"])))
+    print(f"\nreport: {report}")
 
 
 if __name__ == "__main__":

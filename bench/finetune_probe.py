@@ -20,8 +20,9 @@ import torch
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import load_split, read_task_meta
-from dynaflow.evaluation.scoring import evaluate_grid, load_dev
+from dynaflow.evaluation.scoring import load_dev
 from dynaflow.methods.dynabert.distill import SubnetGrid
+from dynaflow.methods.dynabert.grid import evaluate_grid
 from dynaflow.models.backbone import load_elastic
 from stages.distill import final_finetune
 

@@ -137,7 +137,7 @@ def flows() -> list[str]:
 def flow_stages(flow: str) -> list[str]:
     """The stages a flow runs, in registry order: its own, the ones every flow runs, and their upstream."""
     if flow == "compare":
-        return list(STAGES)
+        return _finalisers_last(list(STAGES))
     wanted = {n for n, s in STAGES.items() if s.flow == flow}
     if not wanted:
         raise ValueError(f"no stage belongs to flow {flow!r}; flows: {', '.join(flows())}")
@@ -148,7 +148,12 @@ def flow_stages(flow: str) -> list[str]:
             if up not in wanted:
                 wanted.add(up)
                 todo.append(up)
-    return [n for n in STAGES if n in wanted]
+    return _finalisers_last([n for n in STAGES if n in wanted])
+
+
+def _finalisers_last(names: list[str]) -> list[str]:
+    """Registry order, with the stages every flow ends with (selection) after a method registered later."""
+    return [n for n in names if STAGES[n].flow is not None] + [n for n in names if STAGES[n].flow is None]
 
 
 @functools.lru_cache(maxsize=4)

@@ -144,3 +144,13 @@ def glue_dir() -> Path:
     if not path or not (Path(path) / "SST-2" / "train.tsv").is_file():
         pytest.skip("GLUE_DIR with SST-2 is not set")
     return Path(path)
+
+
+@pytest.fixture(scope="module")
+def this_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """CUDA reported absent (a gpu profile is skipped on any machine) and one machine identity file for the
+    module: measurement stages are keyed on it, so selection sees their outputs as up to date."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield

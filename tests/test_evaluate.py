@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -271,16 +270,6 @@ def project_root(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) 
     for name in ("teacher", "dynabert"):
         write_manifest(root / "artifacts" / name, "test")
     return root
-
-
-@pytest.fixture(scope="module")
-def this_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """CUDA reported absent (the gpu profile is skipped on any machine) and one machine identity file for
-    the module: measurement stages are keyed on it, so selection sees their outputs as up to date."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hardware.torch.cuda, "is_available", lambda: False)
-        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
-        yield
 
 
 @pytest.fixture(scope="module")
