@@ -76,9 +76,28 @@ def cmd_run(args: argparse.Namespace) -> int:
                        track=not args.no_track)  # fmt: skip
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
     for name, result in results.items():
-        print(f"  {name:<10} {result['status']:<7} output  {result['out']}")
-        print(f"  {'':<18} metrics {result['metrics_file']}")
+        print(f"  {name:<12} {result['status']:<7} output  {result['out']}")
+        print(f"  {'':<20} metrics {result['metrics_file']}")
+    if "select" in results:
+        print_selection(Path(results["select"]["out"]))
     return 0
+
+
+def print_selection(out: Path) -> None:
+    """Each profile's selection, as the select stage decided it; a profile that ships nothing stands out."""
+    results = json.loads((out / "results.json").read_text())
+    print("\nselection per hardware profile:")
+    for entry in results["profiles"]:
+        name, sel = entry["profile"]["name"], entry.get("selection") or {}
+        if entry["status"] != "measured":
+            print(f"  {name}: skipped here ({entry['note']})")
+        elif sel.get("status") == "below_quality":
+            print(f"  WARNING {sel['message']}", file=sys.stderr)
+        else:
+            print(
+                f"  {sel.get('message', 'nothing selected')}"
+                + (f" -> {entry['export']}" if entry.get("export") else "")
+            )
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
