@@ -183,42 +183,23 @@ def distill(
     return metrics
 
 
-def run_width(ctx: StageContext) -> dict[str, Any]:
+def run_phase(ctx: StageContext, phase: str, student: str, teacher: str) -> dict[str, Any]:
+    """One distillation stage: ``student`` and ``teacher`` name the upstream stages they start from."""
     p = ctx.params
     return distill(
-        "width",
-        p.width_kd,
-        p.widths,
-        p.depths,
-        p.seed,
-        student_dir=ctx.upstream("rewire"),
-        teacher_dir=ctx.upstream("teacher"),
-        train_dir=ctx.upstream("augment"),
-        data_dir=ctx.upstream("data"),
-        out_dir=ctx.out,
-        work_dir=ctx.work,
-        fingerprint=ctx.key,
-        tracker=ctx.tracker,
-    )
+        phase, p.width_kd if phase == "width" else p.depth_kd, p.widths, p.depths, p.seed,
+        student_dir=ctx.upstream(student), teacher_dir=ctx.upstream(teacher),
+        train_dir=ctx.upstream("augment"), data_dir=ctx.upstream("data"), out_dir=ctx.out, work_dir=ctx.work,
+        fingerprint=ctx.key, tracker=ctx.tracker,
+    )  # fmt: skip
+
+
+def run_width(ctx: StageContext) -> dict[str, Any]:
+    return run_phase(ctx, "width", student="rewire", teacher="teacher")
 
 
 def run_depth(ctx: StageContext) -> dict[str, Any]:
-    p = ctx.params
-    return distill(
-        "depth",
-        p.depth_kd,
-        p.widths,
-        p.depths,
-        p.seed,
-        student_dir=ctx.upstream("width_kd"),
-        teacher_dir=ctx.upstream("width_kd"),
-        train_dir=ctx.upstream("augment"),
-        data_dir=ctx.upstream("data"),
-        out_dir=ctx.out,
-        work_dir=ctx.work,
-        fingerprint=ctx.key,
-        tracker=ctx.tracker,
-    )
+    return run_phase(ctx, "depth", student="width_kd", teacher="width_kd")  # DynaBERT_W teaches itself
 
 
 WIDTH_STAGE = register(

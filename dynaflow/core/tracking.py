@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +63,16 @@ class Tracker(NullTracker):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        for key, value in flatten(metrics).items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in flatten(metrics).items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        ]
+        for i in range(0, len(items), 1000):  # one request per 1000 metrics (MLflow's cap), not one each
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
