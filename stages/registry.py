@@ -201,14 +201,31 @@ def _dump(value: Any) -> Any:
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 
+def ancestors(name: str) -> list[str]:
+    """Every stage ``name`` reads from, directly or not, in registry order."""
+    seen: set[str] = set()
+    todo = list(STAGES[name].upstream)
+    while todo:
+        up = todo.pop()
+        if up not in seen:
+            seen.add(up)
+            todo += STAGES[up].upstream
+    return [n for n in STAGES if n in seen]
+
+
 def gathered(name: str, params: Params, layout: Layout) -> list[str]:
-    """The stages ``name`` gathers whose outputs are present and up to date, in registry order."""
+    """The stages ``name`` gathers that are up to date, and so is everything they were made from.
+
+    A measurement of a method trained from an older teacher (or with older params) is left out: its
+    candidates would not be comparable with the others.
+    """
     found = []
     for other in STAGES[name].gathers():
         try:
-            if check_output(layout.out(other), stage_key(other, params, layout)) is None:
+            chain = [*ancestors(other), other]
+            if all(problem is None for problem in status(chain, params, layout).values()):
                 found.append(other)
-        except (FileNotFoundError, ValueError):  # an upstream of it is missing: it has not run
+        except (FileNotFoundError, ValueError):  # an output on the way is missing: it has not run
             continue
     return found
 

@@ -36,7 +36,7 @@ from dynaflow.evaluation.report import (
     report_key,
     write_report,
 )
-from dynaflow.evaluation.selection import QualityFloor, latency_key, quality_floor, select
+from dynaflow.evaluation.selection import QualityFloor, fits, latency_key, quality_floor, select
 from stages.measure import measure_into
 from stages.registry import (
     STAGES,
@@ -109,6 +109,14 @@ def select_and_export(
         if entry["status"] != "measured":
             continue
         profile = cfg.profile(entry["profile"]["name"])
+        # The budgets in force now (measurements are not keyed on them): the report and card must agree.
+        entry["profile"] = profile.model_dump(mode="json")
+        for row in entry["rows"]:
+            row["fits"] = (
+                fits(row, profile.latency_ms, profile.memory_mb, cfg.budget_stat)
+                if profile.has_budget
+                else None
+            )
         selection = select(
             entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name, quality=floor
         )
@@ -197,6 +205,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             + ", ".join(measurement_stages())
             + ")"
         )
+    left_out = [s for s in measurement_stages() if s not in ctx.gathered]
+    if left_out:  # not run, or trained/measured with other inputs: their candidates would not be comparable
+        log.warning("not in this selection (not run, or not up to date): %s", ", ".join(left_out))
     results = load_results([ctx.upstream(s) for s in ctx.gathered])
     stage_of = {m: stage for stage, doc in zip(ctx.gathered, results, strict=True) for m in doc["methods"]}
     merged = merge_results(results)
@@ -268,6 +279,8 @@ def measure_profile_here(params: Params, root: Path, profile: str, tracker: Null
         docs, stage_of = [], {}
         for name in ready:
             found = STAGES[name].candidates(params, layout)  # type: ignore[misc]
+            if not found:
+                raise RuntimeError(f"stage {name!r} lists no candidates to measure")
             method = found[0].method
             source = layout.out(STAGES[name].upstream[-1])
             docs.append(

@@ -154,3 +154,14 @@ def this_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         mp.setattr(torch.cuda, "is_available", lambda: False)
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+@pytest.fixture(scope="module")
+def stand_in_training() -> Iterator[None]:
+    """Tests that put stand-in outputs (a random model, manifest key "test") where training stages write:
+    selection then judges a measurement by its own key alone, not by the (fake) stages it was made from."""
+    from stages import registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "ancestors", lambda name: [])
+        yield

@@ -273,7 +273,7 @@ def project_root(tmp_path_factory: pytest.TempPathFactory, tiny_backbone: Path) 
 
 
 @pytest.fixture(scope="module")
-def evaluated(project_root: Path, this_machine: None) -> Path:
+def evaluated(project_root: Path, this_machine: None, stand_in_training: None) -> Path:
     """``run_stage`` of DynaBERT's measurement and of selection; the measurement's output."""
     from stages import Layout, run_stage
 
@@ -386,7 +386,7 @@ def test_cli_report_merges_a_profile_measured_elsewhere(selected: Path, project_
 
 
 @pytest.fixture(scope="module")
-def theseus_evaluated(project_root: Path, this_machine: None) -> Path:
+def theseus_evaluated(project_root: Path, this_machine: None, stand_in_training: None) -> Path:
     """The theseus_eval stage on a 1-layer plain BERT standing in for the successor of the 2-layer model."""
     from stages import Layout, run_stage
 

@@ -135,11 +135,22 @@ def test_a_method_registered_in_a_test_is_measured_selected_exported_and_reporte
     report, note = rebuild_report(tmp_path)
     assert "methods plain" in note and "| **plain/L1** ★ | plain | 1 |" in report.read_text()
 
+    # A new teacher: the method's measurement was made from the old one, so selection leaves it out.
+    from stages.registry import gathered
+
+    assert gathered("select", params, layout) == ["plain_eval"]
+    retrained = load_params(tmp_path / "params.yaml", ["teacher.learning_rate=0.002"])
+    run_stage("teacher", retrained, layout)
+    assert gathered("select", retrained, layout) == []
+    with pytest.raises(RuntimeError, match="no measured candidates"):
+        run_stage("select", retrained, layout)
+
 
 # ------------------------------------------------------------------------------------------------------------
 # DynaBERT and Theseus both measured: the budget only the successor meets picks it.
 
 
+@pytest.mark.usefixtures("stand_in_training")
 def test_selection_ships_the_theseus_successor_when_only_it_fits(tmp_path: Path, tiny_backbone: Path) -> None:
     params = write_project(tmp_path, tiny_backbone, quality_floor=False)
     layout = Layout(tmp_path)
@@ -179,6 +190,7 @@ def test_selection_ships_the_theseus_successor_when_only_it_fits(tmp_path: Path,
 # The quality floor: candidates at the majority-class score are never shipped.
 
 
+@pytest.mark.usefixtures("stand_in_training")
 def test_nothing_is_exported_when_every_in_budget_candidate_is_at_chance(
     tmp_path: Path, tiny_backbone: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
