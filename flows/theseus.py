@@ -1,4 +1,7 @@
-"""BERT-of-Theseus as a second Prefect flow: data → teacher → theseus → theseus_eval.
+"""BERT-of-Theseus as a second Prefect flow: data → teacher → theseus → theseus_eval → select.
+
+``dynaflow run --flow theseus`` runs the same flow body through :func:`flows.pipeline.run_flow`; this module
+is the entry point to deploy it on its own (``flows/theseus.py:theseus``).
 
 It runs the DynaBERT flow's body (:func:`flows.pipeline.pipeline`) with the Theseus stage list, so it has the
 same cached stage task, cache rules and MLflow parent and child runs (the parent tagged ``flow=theseus``).
