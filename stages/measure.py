@@ -9,7 +9,6 @@ Nothing is selected or exported here: selection runs over every method's candida
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,9 +70,7 @@ def measure_candidates(ctx: StageContext, method: str, source: Path, candidates:
     )
     report = write_report(results, ctx.out)
     metrics = flat_metrics(results["profiles"], results["main_metric"]) | {"candidates": len(candidates)}
-    ctx.tracker.log_metrics(
-        {k: v for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
-    )
+    ctx.tracker.log_metrics(metrics)  # the tracker keeps the finite numbers
     ctx.tracker.log_artifact(ctx.out / RESULTS_FILE, "evaluation")
     ctx.tracker.log_artifact(report, "evaluation")
     return metrics

@@ -142,12 +142,7 @@ def flow_stages(flow: str) -> list[str]:
     if not wanted:
         raise ValueError(f"no stage belongs to flow {flow!r}; flows: {', '.join(flows())}")
     wanted |= {n for n, s in STAGES.items() if s.flow is None}
-    todo = list(wanted)
-    while todo:
-        for up in STAGES[todo.pop()].upstream:
-            if up not in wanted:
-                wanted.add(up)
-                todo.append(up)
+    wanted |= {up for n in list(wanted) for up in ancestors(n)}
     return _finalisers_last([n for n in STAGES if n in wanted])
 
 
@@ -232,6 +227,11 @@ def gathered(name: str, params: Params, layout: Layout) -> list[str]:
 
 def stage_key(name: str, params: Params, layout: Layout) -> str:
     """Hash of everything that determines the stage's output (upstream outputs must already exist)."""
+    return _key_and_gathered(name, params, layout)[0]
+
+
+def _key_and_gathered(name: str, params: Params, layout: Layout) -> tuple[str, tuple[str, ...]]:
+    """(the stage's key, the gathered stages it was computed over): checking them is costly, done once."""
     stage = STAGES[name]
     modules = code_modules(name)
     ingredients = {
@@ -242,9 +242,10 @@ def stage_key(name: str, params: Params, layout: Layout) -> str:
         "upstream": {u: manifest_digest(layout.out(u)) for u in stage.upstream},
         "external": {str(p): file_digest(p) for p in stage.external(params)},
     }
+    found = tuple(gathered(name, params, layout)) if stage.gathers() else ()
     if stage.gathers():
-        ingredients["gathered"] = {u: manifest_digest(layout.out(u)) for u in gathered(name, params, layout)}
-    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()
+        ingredients["gathered"] = {u: manifest_digest(layout.out(u)) for u in found}
+    return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest(), found
 
 
 def status(names: list[str], params: Params, layout: Layout) -> dict[str, str | None]:
@@ -286,10 +287,9 @@ def run_stage(
     rank 0's output is complete.
     """
     check_upstream(name, layout)
-    key = stage_key(name, params, layout)
+    key, found = _key_and_gathered(name, params, layout)
     out = layout.out(name)
     stage = STAGES[name]
-    found = tuple(gathered(name, params, layout))
     if ddp.init() and not ddp.is_main():
         with tempfile.TemporaryDirectory(prefix=f"dynaflow-{name}-rank{ddp.rank()}-") as scratch:
             stage.run(StageContext(name, params, layout, Path(scratch), key, NullTracker(), found))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +224,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     flat, per_profile = selection_metrics(merged, stat)
     for name, summary in per_profile.items():
         atomic_write_json(profile_metrics_file(ctx.layout, name), summary)
-    ctx.tracker.log_metrics(
-        {k: v for k, v in flat.items() if isinstance(v, int | float) and math.isfinite(v)}
-    )
+    ctx.tracker.log_metrics(flat)  # the tracker keeps the finite numbers
     ctx.tracker.log_artifact(report, "selection")
     for png in sorted(ctx.out.glob("pareto_*.png")):
         ctx.tracker.log_artifact(png, "selection")
@@ -300,7 +297,7 @@ def measure_profile_here(params: Params, root: Path, profile: str, tracker: Null
         atomic_write_json(tmp / RESULTS_FILE, merged)
         flat, _ = selection_metrics(merged, cfg.budget_stat)
         atomic_write_json(tmp / "metrics.json", flat)
-        tracker.log_metrics({k: v for k, v in flat.items() if isinstance(v, int | float)})
+        tracker.log_metrics(flat)
         write_manifest(tmp, key, {"stage": "evaluate-profile", "profile": profile})
     return {"profile": profile, "out": str(out), "cache_key": key, "metrics": flat}
 
