@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A params file or override that cannot be used; the message says which key and what is allowed."""
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def precision_field() -> Any:
+    """Every training section's ``precision`` (see dynaflow.training.precision)."""
+    return Field("auto", description="bf16 autocast in training steps (auto: where hardware has it) or fp32")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -63,6 +71,7 @@ class TeacherConfig(_Section):
     checkpoint_steps: int = Field(
         0, ge=0, description="also checkpoint every N optimizer steps (0 = only at the end of each epoch)"
     )
+    precision: Precision = precision_field()
 
 
 class RewireConfig(_Section):
@@ -101,6 +110,16 @@ class DistillConfig(_Section):
     )
     heldout_examples: int = Field(500, gt=0, description="size of the held-out slice (selection: heldout)")
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+    precision: Precision = precision_field()
+    subnets: Literal["all", "sandwich"] = Field(
+        "all",
+        description="sub-networks trained per batch: all (official) or sandwich (the largest, the smallest "
+        "and random_subnets others drawn at random, seeded by step)",
+    )
+    random_subnets: int = Field(2, ge=0, description="sandwich: sub-networks drawn besides largest/smallest")
+    teacher_cache: bool = Field(
+        False, description="compute the fixed teacher's outputs once per training example instead of per step"
+    )
 
 
 class DepthDistillConfig(DistillConfig):
@@ -177,6 +196,7 @@ class TheseusConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+    precision: Precision = precision_field()
 
     @model_validator(mode="after")
     def _scheduler_knobs(self) -> TheseusConfig:

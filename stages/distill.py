@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,17 @@ from dynaflow.core.plots import grid_heatmap
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from dynaflow.evaluation.scoring import load_dev
-from dynaflow.methods.dynabert.distill import SubnetGrid, make_distill_step, make_label_step
+from dynaflow.methods.dynabert.distill import (
+    DistillStep,
+    SubnetGrid,
+    SubnetSampler,
+    TeacherCache,
+    make_label_step,
+    pad_lengths,
+)
 from dynaflow.methods.dynabert.grid import evaluate_grid
 from dynaflow.models.backbone import load_elastic
+from dynaflow.training import precision
 from dynaflow.training.loop import TrainConfig, fit
 from stages.registry import Stage, StageContext, register
 
@@ -43,6 +52,21 @@ def split_heldout(train: TokenizedSplit, n: int, seed: int) -> tuple[TokenizedSp
         raise ValueError(f"heldout_examples={n} leaves nothing to train on ({len(train)} training examples)")
     order = np.random.default_rng([seed, 7]).permutation(len(train))
     return train.subset(np.sort(order[n:])), train.subset(np.sort(order[:n]))
+
+
+def build_teacher_cache(
+    teacher: torch.nn.Module, train: TokenizedSplit, grid: SubnetGrid, teacher_width: str, cfg: TrainConfig
+) -> TeacherCache:
+    """The teacher's outputs for every training example, once, at every width the step will ask for."""
+    started = time.perf_counter()
+    widths = [1.0] if teacher_width == "full" else list(grid.widths)
+    lengths = pad_lengths(train, cfg.batch_size, cfg.seed, cfg.epochs)
+    dev, pad_id = device(), teacher.config.pad_token_id or 0
+    cache = TeacherCache(teacher, train, lengths, widths, cfg.batch_size, pad_id, dev,
+                         precision.resolve(cfg.precision, dev))  # fmt: skip
+    log.info("teacher outputs cached for %d examples at %d width(s): %.0f MiB in %.1f s", len(train),
+             len(widths), cache.nbytes / 2**20, time.perf_counter() - started)  # fmt: skip
+    return cache
 
 
 def final_finetune(
@@ -106,10 +130,13 @@ def distill(
     for p in teacher.parameters():
         p.requires_grad_(False)
     grid = SubnetGrid(tuple(widths), (1.0,) if phase == "width" else tuple(depths))
-    step = make_distill_step(
-        student, teacher, grid,
+    teacher_width = getattr(cfg, "teacher_width", "full")
+    train_cfg = TrainConfig.from_section(cfg, seed)
+    cache = build_teacher_cache(teacher, train, grid, teacher_width, train_cfg) if cfg.teacher_cache else None
+    step = DistillStep(
+        student, teacher, SubnetSampler(grid, cfg.subnets, cfg.random_subnets, seed),
         lambda_logit=cfg.lambda_logit, lambda_hidden=cfg.lambda_hidden, is_regression=regression,
-        teacher_width=getattr(cfg, "teacher_width", "full"),
+        teacher_width=teacher_width, cache=cache,
     )  # fmt: skip
 
     # Best-so-far weights by the summed score over all sub-networks; part of the checkpoint for resume.
@@ -139,10 +166,9 @@ def distill(
             return {}  # nothing to select, or just evaluated at this very step
         return select(at_step)
 
-    train_cfg = TrainConfig.from_section(cfg, seed)
     result = fit(
         student, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
-        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,
+        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step, before_step=step.begin,
         extra_state=(lambda: dict(best), best.update), desc=f"distill-{phase}",
         pad_id=student.config.pad_token_id or 0,
     )  # fmt: skip
@@ -173,6 +199,7 @@ def distill(
         "train_seconds": result.seconds,
         "examples_per_second": result.examples_per_second,
         "train_examples": len(train),
+        "bf16": float(result.precision == "bf16"),
     }
     tracker.log_metrics(metrics)
     log.info(

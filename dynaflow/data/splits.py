@@ -71,10 +71,10 @@ def read_task_meta(data_dir: Path) -> dict[str, Any]:
 
 
 def collate(
-    split: TokenizedSplit, indices: list[int] | np.ndarray, pad_id: int = 0
+    split: TokenizedSplit, indices: list[int] | np.ndarray, pad_id: int = 0, length: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Pad a batch to its own longest example."""
-    longest = max(len(split.input_ids[i]) for i in indices)
+    """Pad a batch to its own longest example (or to ``length``, if that is longer)."""
+    longest = max(length, *(len(split.input_ids[i]) for i in indices))
     input_ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
     token_type_ids = torch.zeros((len(indices), longest), dtype=torch.long)
     attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)

@@ -25,12 +25,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from dynaflow.core import distributed as ddp
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TokenizedSplit, batch_order, collate
+from dynaflow.training import precision as mixed
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     checkpoint_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every: int = 10
+    precision: str = "fp32"  # auto | fp32 | bf16 (autocast of the step; see dynaflow.training.precision)
 
     @classmethod
     def from_section(cls, section: Any, seed: int, **changes: Any) -> TrainConfig:
@@ -65,6 +68,7 @@ class TrainResult:
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     examples_per_second: float = 0.0
+    precision: str = "fp32"  # what the steps ran in (``auto`` resolved on this machine)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -121,17 +125,22 @@ def fit(
     on_epoch_end: Callable[[int], dict[str, float]] | None = None,
     on_step: Callable[[int], dict[str, float] | None] | None = None,
     extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+    before_step: Callable[[int, np.ndarray], None] | None = None,
     desc: str = "train",
     pad_id: int = 0,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs over ``train``; resume from ``checkpoint`` if it matches.
 
     ``cfg.batch_size`` is the global batch: with N processes each takes about 1/N of it.
+    ``before_step(step, indices)`` is told, before each step, the number of steps already taken and the
+    training-set indices of this process's examples in the batch (what a step that draws sub-networks by
+    step number, or reads per-example cached targets, needs). The step runs under ``cfg.precision``.
     """
     ddp.init()  # joins the process group when launched by torchrun; no-op in a single process
     main, dev = ddp.is_main(), ddp.device()
     tracker = (tracker or NullTracker()) if main else NullTracker()
     model.to(dev)
+    precision = mixed.resolve(cfg.precision, dev)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
@@ -181,6 +190,7 @@ def fit(
     bar = tqdm(
         total=total, initial=resumed_from or 0, desc=desc, unit="step", dynamic_ncols=True, disable=not main
     )
+    log.info("%s: %d steps, batches of %d, %s", desc, total, cfg.batch_size, precision)
     model.train()
     while epoch < cfg.epochs:
         batches = batch_order(len(train), cfg.batch_size, True, cfg.seed, epoch)
@@ -190,7 +200,10 @@ def fit(
             if stop > start:  # a rank may get nothing from a last batch smaller than the number of ranks
                 batch = collate(train, batches[b], pad_id)
                 batch = {k: v[start:stop].to(dev) for k, v in batch.items()}
-                losses = step_fn(batch, lambda text: bar.set_description(f"{desc} {text}", refresh=False))
+                if before_step is not None:
+                    before_step(epoch * steps_per_epoch + b, batches[b][start:stop])
+                with mixed.autocast(precision, dev):
+                    losses = step_fn(batch, lambda text: bar.set_description(f"{desc} {text}", refresh=False))
             ddp.all_reduce_gradients(model, stop - start, len(batches[b]))
             losses = ddp.mean_across_ranks(losses, stop - start)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -222,4 +235,4 @@ def fit(
         save(epoch, 0)
     bar.close()
     elapsed = time.perf_counter() - started
-    return TrainResult(total, resumed_from, history, elapsed, seen / elapsed if elapsed else 0.0)
+    return TrainResult(total, resumed_from, history, elapsed, seen / elapsed if elapsed else 0.0, precision)
