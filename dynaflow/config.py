@@ -74,6 +74,17 @@ class TeacherConfig(_Section):
     precision: Precision = precision_field()
 
 
+class TeacherGateConfig(_Section):
+    """What a teacher must reach before anything is distilled from it; in no stage's cache key (a gate)."""
+
+    min_gain_over_chance: float = Field(
+        0.05, ge=0, description="how far the teacher's main dev score must beat the majority-class/chance one"
+    )
+    on_fail: Literal["stop", "warn"] = Field(
+        "stop", description="stop: the stages that read a weaker teacher refuse to start; warn: go on anyway"
+    )
+
+
 class RewireConfig(_Section):
     split: Literal["dev", "train"] = Field(
         "dev", description="split the importance is measured on (paper: dev)"
@@ -317,6 +328,7 @@ class Params(_Section):
     depths: list[float] = Field([1.0, 0.75, 0.5], min_length=1)
     data: DataConfig = DataConfig()
     teacher: TeacherConfig = TeacherConfig()
+    teacher_gate: TeacherGateConfig = TeacherGateConfig()
     rewire: RewireConfig = RewireConfig()
     augment: AugmentConfig = AugmentConfig()
     width_kd: DistillConfig = DistillConfig()

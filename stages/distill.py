@@ -140,14 +140,16 @@ def distill(
     )  # fmt: skip
 
     # Best-so-far weights by the summed score over all sub-networks; part of the checkpoint for resume.
-    best: dict[str, Any] = {"score": -float("inf"), "step": 0, "state": None}
+    best: dict[str, Any] = {"score": -float("inf"), "step": 0, "state": None, "results": None}
 
     def select(at_step: int) -> dict[str, float]:
-        results = evaluate_grid(student, task, selection_split, list(grid.widths), list(grid.depths))
+        results = evaluate_grid(
+            student, task, selection_split, list(grid.widths), list(grid.depths), cfg.eval_batch_size
+        )
         total = sum(r["score"] for r in results.values())
         if total > best["score"]:
             state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            best.update(score=total, step=at_step, state=state)
+            best.update(score=total, step=at_step, state=state, results=results)
         log.info("%s distillation, step %d: summed selection score %.4f (best %.4f at step %d)",
                  phase, at_step, total, best["score"], best["step"])  # fmt: skip
         return {"selection.sum": total, **{f"selection.{k}": r["score"] for k, r in results.items()}}
@@ -182,7 +184,10 @@ def distill(
         final_finetune(student, train, grid, regression, cfg, seed, finetune_epochs,
                        work_dir / "finetune.pt", fingerprint, tracker)  # fmt: skip
 
-    results = evaluate_grid(student, task, dev, list(grid.widths), list(grid.depths), cfg.eval_batch_size)
+    if cfg.selection == "dev" and best["results"] is not None and not finetune_epochs:
+        results = best["results"]  # the kept weights' dev scores: measured when they were selected
+    else:
+        results = evaluate_grid(student, task, dev, list(grid.widths), list(grid.depths), cfg.eval_batch_size)
     student.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
     atomic_write_json(out_dir / "grid.json", results)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dynaflow.config import Params
+from dynaflow.config import ConfigError, Params
 from dynaflow.core import distributed as ddp
 from dynaflow.core.artifacts import (
     atomic_write_json,
@@ -96,6 +96,9 @@ class Stage:
     # Stages whose outputs it reads when they are present and up to date (selection: every measurement).
     gathers: Callable[[], tuple[str, ...]] = field(default=lambda: ())
     extra_metrics: Callable[[Params], list[str]] = lambda params: []  # more DVC metrics files it writes
+    # A check of this stage's output that the stages reading it run before they start: why they must
+    # not (e.g. a teacher at chance), or None. Its params are a gate, in no cache key.
+    gate: Callable[[Params, Layout], str | None] | None = None
     description: str = ""
 
     @property
@@ -270,11 +273,18 @@ def inputs_of_declared(name: str) -> tuple[str, ...]:
     return (*STAGES[name].upstream, *STAGES[name].gathers())
 
 
-def check_upstream(name: str, layout: Layout) -> None:
+class UpstreamRefused(ConfigError):
+    """An upstream output is complete but not fit to build on (its stage's gate said why)."""
+
+
+def check_upstream(name: str, layout: Layout, params: Params | None = None) -> None:
     for up in STAGES[name].upstream:
         problem = check_output(layout.out(up))
         if problem:
             raise RuntimeError(f"stage {name!r} needs the output of {up!r}, which is not usable: {problem}")
+        gate = STAGES[up].gate
+        if params is not None and gate is not None and (why := gate(params, layout)):
+            raise UpstreamRefused(f"stage {name!r} will not start: {why}")
 
 
 def run_stage(
@@ -286,7 +296,7 @@ def run_stage(
     manifest and records to ``tracker``; the other ranks work in a throw-away directory. All return once
     rank 0's output is complete.
     """
-    check_upstream(name, layout)
+    check_upstream(name, layout, params)
     key, found = _key_and_gathered(name, params, layout)
     out = layout.out(name)
     stage = STAGES[name]

@@ -20,7 +20,14 @@ from safetensors.torch import save_file
 from dynaflow.config import RewireConfig
 from dynaflow.core.plots import heatmap
 from dynaflow.core.tracking import NullTracker
-from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, iter_batches, load_split, read_task_meta
+from dynaflow.data.splits import (
+    TOKENIZER_DIR,
+    TokenizedSplit,
+    iter_batches,
+    load_split,
+    num_batches,
+    read_task_meta,
+)
 from dynaflow.evaluation.scoring import load_dev
 from dynaflow.methods.dynabert.grid import evaluate_grid
 from dynaflow.methods.dynabert.importance import compute_importance, rewire_
@@ -69,7 +76,9 @@ def rewire_teacher(
     model = load_elastic(teacher_dir)
     split = importance_split(data_dir, cfg, meta["dev_splits"])
     batches = iter_batches(split, cfg.batch_size, pad_id=model.config.pad_token_id or 0)
-    head_imp, neuron_imp = compute_importance(model, batches, cumulative_grad=cfg.cumulative_grad)
+    head_imp, neuron_imp = compute_importance(
+        model, batches, cumulative_grad=cfg.cumulative_grad, total=num_batches(len(split), cfg.batch_size)
+    )
 
     dev = load_dev(data_dir, meta["dev_splits"])
     probe = next(iter_batches(dev[meta["dev_splits"][0]], 16))

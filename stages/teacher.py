@@ -6,6 +6,7 @@ crash resumes from the last one; the runner removes them once the output is in p
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -14,14 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dynaflow.config import TeacherConfig
+from dynaflow.config import Params, TeacherConfig, TeacherGateConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
 from dynaflow.models.backbone import load_classifier, local_files
 from dynaflow.training.loop import TrainConfig, fit
-from stages.registry import Stage, StageContext, register
+from stages.registry import Layout, Stage, StageContext, register
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,28 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -
     if is_regression:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
+
+
+def weak_teacher_message(score: float, chance: float, metric: str, gate: TeacherGateConfig) -> str:
+    return (
+        f"WEAK TEACHER: dev {metric} {score:.4f} is less than {gate.min_gain_over_chance:g} above the "
+        f"majority-class/chance score {chance:.4f}; what is distilled from it is noise. Train it longer or "
+        "on more examples (teacher.epochs, teacher.learning_rate, data.max_train_examples); "
+        "teacher_gate.on_fail=warn goes on anyway"
+    )
+
+
+def gate(params: Params, layout: Layout) -> str | None:
+    """Why the stages that read the teacher must not start (None: they may)."""
+    cfg = params.teacher_gate
+    scores, meta = layout.out("teacher") / "metrics.json", read_task_meta(layout.out("data"))
+    chance = (meta.get("chance") or {}).get("score")
+    if cfg.on_fail == "warn" or chance is None or not scores.is_file():
+        return None
+    score = json.loads(scores.read_text())["score"]
+    if score - chance >= cfg.min_gain_over_chance:
+        return None
+    return weak_teacher_message(score, chance, meta["main_metric"], cfg)
 
 
 def fine_tune(
@@ -42,7 +65,9 @@ def fine_tune(
     fingerprint: str,
     tracker: NullTracker,
     on_step: Any = None,
+    gate_cfg: TeacherGateConfig | None = None,
 ) -> dict[str, Any]:
+    gate_cfg = gate_cfg or TeacherGateConfig()
     meta = read_task_meta(data_dir)
     train = load_split(data_dir, "train")
     dev = load_dev(data_dir, meta["dev_splits"])
@@ -76,6 +101,12 @@ def fine_tune(
         pad_id=pad_id,
     )
     metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
+    chance = (meta.get("chance") or {}).get("score")
+    if chance is not None:  # recorded beside the score; the gate (below) decides what follows from it
+        metrics["gain_over_chance"] = metrics["score"] - chance
+        if metrics["gain_over_chance"] < gate_cfg.min_gain_over_chance:
+            log.warning(weak_teacher_message(metrics["score"], chance, meta["main_metric"], gate_cfg))
+            tracker.set_tags({"weak_teacher": "true"})
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
     # Only deterministic content in the artifact: a re-run with the same inputs then yields the same
@@ -89,8 +120,9 @@ def fine_tune(
 def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.params
     return fine_tune(
-        p.teacher, p.backbone, p.seed, ctx.upstream("data"), ctx.out, ctx.work, ctx.key, ctx.tracker
-    )
+        p.teacher, p.backbone, p.seed, ctx.upstream("data"), ctx.out, ctx.work, ctx.key, ctx.tracker,
+        gate_cfg=p.teacher_gate,
+    )  # fmt: skip
 
 
 STAGE = register(
@@ -102,6 +134,7 @@ STAGE = register(
         run=run,
         external=lambda p: local_files(p.backbone),
         distributed=True,
+        gate=gate,
         description="fine-tune the backbone on the task: the teacher every method starts from",
     )
 )

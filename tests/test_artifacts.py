@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -93,3 +94,22 @@ def test_current_umask_reads_the_mask(
         assert os.umask(0o027) == 0o027  # and the mask is still the one set
     finally:
         os.umask(old)
+
+
+def test_remembered_digests_notice_every_change(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"a" * 64)
+    first = artifacts.file_digest(path)
+    path.write_bytes(b"b" * 64)  # same size, maybe the same clock tick: a fresh file is not remembered
+    assert artifacts.file_digest(path) != first
+
+    os.utime(path, ns=(10**18, 10**18))  # an old file (2001): its digest is remembered ...
+    assert artifacts.file_digest(path) == hashlib.sha256(b"b" * 64).hexdigest()
+    assert any(key[0] == str(path) for key in artifacts._DIGESTS)
+    path.write_bytes(b"c" * 64)  # ... until a write, same size, moves its times
+    assert artifacts.file_digest(path) == hashlib.sha256(b"c" * 64).hexdigest()
+    replaced = tmp_path / "new.bin"
+    replaced.write_bytes(b"d" * 64)
+    os.utime(replaced, ns=(10**18, 10**18))  # same times as before, but another inode
+    os.replace(replaced, path)
+    assert artifacts.file_digest(path) == hashlib.sha256(b"d" * 64).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,50 @@ def test_teacher_beats_majority_on_real_sst2(tmp_path: Path, glue_dir: Path) -> 
     dev_labels = load_split(data_dir, "dev").labels
     majority = max(np.mean(dev_labels), 1 - np.mean(dev_labels))
     assert accuracy > majority + 0.1, (accuracy, majority)
+
+
+def test_a_teacher_at_chance_warns_and_stops_the_stages_that_read_it(
+    project: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dynaflow.cli.commands import main
+    from dynaflow.config import load_params
+    from stages import Layout, run_stage
+    from stages.registry import UpstreamRefused
+
+    at_chance = ["teacher.learning_rate=1e-12"]  # the fresh classifier head never moves
+    params, layout = load_params(project / "params.yaml", at_chance), Layout(project)
+    run_stage("data", params, layout)
+    with caplog.at_level("WARNING"):
+        run_stage("teacher", params, layout)
+    gain = json.loads(layout.metrics("teacher").read_text())["gain_over_chance"]
+    assert gain < params.teacher_gate.min_gain_over_chance
+    assert "WEAK TEACHER" in caplog.text
+
+    with pytest.raises(UpstreamRefused, match="teacher_gate.on_fail=warn"):
+        run_stage("rewire", params, layout)
+    assert not layout.out("rewire").exists()
+    # The command DVC runs: one message naming the remedy, exit code 2, no traceback.
+    capsys.readouterr()
+    argv = ["stage", "augment", "--params", str(project / "params.yaml"), "--no-track", "--set", at_chance[0]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "stage 'augment' will not start: WEAK TEACHER" in err and "Traceback" not in err
+
+    warn = load_params(project / "params.yaml", [*at_chance, "teacher_gate.on_fail=warn"])
+    run_stage("rewire", warn, layout)  # the user said go on
+    assert (layout.out("rewire") / "manifest.json").is_file()
+
+
+def test_run_prints_its_plan_first(project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dynaflow.cli.commands import print_plan
+    from dynaflow.config import load_params
+    from stages import Layout, flow_stages, run_stage
+
+    params = load_params(project / "params.yaml")
+    run_stage("data", params, Layout(project))
+    print_plan(params, project, flow_stages("dynaflow"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "plan:" and len(lines) == 1 + len(flow_stages("dynaflow"))
+    assert lines[1].split() == ["data", "cached"]
+    assert lines[2].split()[:2] == ["teacher", "runs"] and "manifest.json is missing" in lines[2]
+    assert lines[3].split()[:3] == ["rewire", "runs", "(after"]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from dynaflow.cli.env import project_env
-from dynaflow.config import ConfigError, load_params
+from dynaflow.config import ConfigError, Params, load_params
 from dynaflow.models.backbone import check_grid
 
 EPILOG = """examples:
@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "width_kd" in names:
         check_grid(params)
     project_env(root)
+    print_plan(params, root, names if args.until is None else names[: names.index(args.until) + 1])
     from flows.pipeline import run_flow
 
     started = time.perf_counter()
@@ -89,6 +90,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "select" in results:
         print_selection(Path(results["select"]["out"]))
     return 0
+
+
+def print_plan(params: Params, root: Path, names: list[str]) -> None:
+    """Before anything runs: which stages will run (and why) and which come from the cache."""
+    from stages import Layout
+    from stages.registry import status
+
+    print("plan:", flush=True)
+    for name, problem in status(names, params, Layout(root)).items():
+        print(f"  {name:<12} {'cached' if problem is None else 'runs    (' + problem + ')'}", flush=True)
 
 
 def print_selection(out: Path) -> None:

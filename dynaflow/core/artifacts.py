@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,26 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+# sha256 of files this process has hashed, by (path, inode, size, mtime, ctime): a plan, the keys and the
+# checks of one `dynaflow run` read the same outputs several times. A write changes mtime and ctime and a
+# replaced file has another inode, so an altered file is hashed again; but file times tick in steps of a
+# few milliseconds, so (as git does for its "racy" entries) a file modified within RACY_NS of being hashed
+# is not remembered: a second write in the same tick could leave every field equal.
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+RACY_NS = 2_000_000_000
+
+
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if (known := _DIGESTS.get(key)) is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+    if st.st_mtime_ns < time.time_ns() - RACY_NS:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dynaflow.config import EvaluateConfig, HardwareProfile
 from dynaflow.data.splits import TokenizedSplit
@@ -87,7 +88,7 @@ def prepare(
 ) -> list[Prepared]:
     """Build, score (dev) and save every candidate once; ONNX too when a profile runs it (checked)."""
     prepared = []
-    for c in candidates:
+    for c in tqdm(candidates, desc="build, score, export", unit="candidate", dynamic_ncols=True):
         started = time.perf_counter()
         model = c.build().eval()
         check_profiles(profiles, model.config, c.id)  # before the dev pass: a profile it cannot run

@@ -31,6 +31,7 @@ def compute_importance(
     batches: Iterable[Mapping[str, torch.Tensor]],
     cumulative_grad: bool = True,
     progress: bool = True,
+    total: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
     """Head and neuron importance of the full-size network, as the official code computes them.
 
@@ -41,7 +42,7 @@ def compute_importance(
         cumulative_grad: True (default) reproduces the official quirk: gradients are never zeroed between
             batches, so each batch adds ``|sum of gradients so far|``. False zeroes gradients before each
             batch, giving ``sum_t |g_t|``.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (``total``: the number of batches, for its ETA).
 
     Returns:
         ``head_importance`` ``[L, H]`` and ``neuron_importance`` ``[L, d_ff]`` (a list of per-layer tensors if
@@ -71,7 +72,7 @@ def compute_importance(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="importance", unit="batch")
+        batches = tqdm(batches, desc="importance", unit="batch", total=total, dynamic_ncols=True)
 
     model.eval()  # official: from_pretrained() leaves the model in eval mode, so dropout is off
     try:
