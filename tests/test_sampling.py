@@ -160,3 +160,16 @@ def test_training_learns_in_either_precision(tmp_path: Path, setting: str) -> No
     assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
     losses = [loss for _, loss in result.loss_history]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_predict_batches_by_length_but_answers_in_the_splits_order() -> None:
+    from dynaflow.evaluation.scoring import hf_logits, predict
+
+    split, model = varied_split(n=37), tiny_elastic(seed=3)
+    logits = predict(hf_logits(model), split, batch_size=8)
+    with torch.no_grad():
+        one_by_one = [
+            model(input_ids=torch.as_tensor(ids)[None], token_type_ids=torch.as_tensor(tt)[None]).logits[0]
+            for ids, tt in zip(split.input_ids, split.token_type_ids, strict=True)
+        ]
+    np.testing.assert_allclose(logits, torch.stack(one_by_one).numpy(), rtol=1e-4, atol=1e-5)

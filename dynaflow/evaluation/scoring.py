@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dynaflow.data.splits import TokenizedSplit, iter_batches, load_split
+from dynaflow.data.splits import TokenizedSplit, collate, load_split
 from dynaflow.evaluation.metrics import compute_metrics, main_score
 
 LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -16,8 +16,22 @@ LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 @torch.no_grad()
 def predict(logits_fn: LogitsFn, split: TokenizedSplit, batch_size: int = 128) -> np.ndarray:
-    out = [logits_fn(batch).float().cpu().numpy() for batch in iter_batches(split, batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
+    """Logits of every example, in the split's order.
+
+    Batches are cut from the examples sorted by length, so each pads little: in the split's own order a
+    batch of 128 pads nearly every example to the longest sentence, about twice the work on SST-2 dev.
+    Padding is masked, so the logits are the same either way up to rounding.
+    """
+    if len(split) == 0:
+        return np.zeros((0, 1), dtype=np.float32)
+    order = np.argsort([len(x) for x in split.input_ids], kind="stable")
+    parts = [
+        logits_fn(collate(split, order[i : i + batch_size])).float().cpu().numpy()
+        for i in range(0, len(order), batch_size)
+    ]
+    logits = np.empty((len(split), parts[0].shape[1]), dtype=np.float32)
+    logits[order] = np.concatenate(parts)
+    return logits
 
 
 def evaluate(
