@@ -22,6 +22,7 @@ HEADER = """\
 # DVC does not see the GLUE files (their location comes from $GLUE_DIR) nor which machine measures latency;
 # `dynaflow run` hashes both. Training stages run data-parallel under torchrun when params.yaml's `launch`
 # asks for more than one process; `launch` is not a params dep: N processes give the same result as one.
+# Nor is `teacher_gate`: it decides whether the teacher's readers may start, not what they compute.
 """
 
 
