@@ -22,6 +22,25 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dynaflow-test-prefect-")
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(os.environ["PREFECT_HOME"], "results")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-bf16",
+        action="store_true",
+        help="run as on hardware without native bf16 (precision: auto resolves to fp32)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_bf16(request: pytest.FixtureRequest) -> Iterator[None]:
+    """``--no-bf16``: the suite as a CPU without AVX512-BF16 runs it (training steps in fp32)."""
+    from dynaflow.training import precision
+
+    with pytest.MonkeyPatch.context() as mp:
+        if request.config.getoption("--no-bf16"):
+            mp.setattr(precision, "cpu_has_bf16", lambda: False)
+        yield
+
+
 # A random BERT small enough for exact, fast checks of the model code (3 layers, 4 heads, FFN 48).
 TINY_BERT = dict(
     vocab_size=97,
