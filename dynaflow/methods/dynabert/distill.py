@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from dynaflow.data.splits import TokenizedSplit, batch_order, collate
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
@@ -124,7 +125,8 @@ class TeacherCache:
         for width in widths:
             logits: list[torch.Tensor | None] = [None] * len(train)
             hidden: list[torch.Tensor | None] = [None] * len(train)
-            for start in range(0, len(order), batch_size):
+            starts = range(0, len(order), batch_size)
+            for start in tqdm(starts, desc=f"teacher cache w={width}", unit="batch", dynamic_ncols=True):
                 rows = order[start : start + batch_size]
                 batch = collate(train, rows, pad_id, length=int(pad_lengths[rows].max()))
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
