@@ -121,7 +121,7 @@ def test_a_teacher_at_chance_warns_and_stops_the_stages_that_read_it(
     from stages import Layout, run_stage
     from stages.registry import UpstreamRefused
 
-    at_chance = ["teacher.learning_rate=1e-12"]  # the fresh classifier head never moves
+    at_chance = ["teacher.learning_rate=1e-12", "teacher_gate.on_fail=stop"]  # the head never moves
     params, layout = load_params(project / "params.yaml", at_chance), Layout(project)
     run_stage("data", params, layout)
     with caplog.at_level("WARNING"):
@@ -135,12 +135,13 @@ def test_a_teacher_at_chance_warns_and_stops_the_stages_that_read_it(
     assert not layout.out("rewire").exists()
     # The command DVC runs: one message naming the remedy, exit code 2, no traceback.
     capsys.readouterr()
-    argv = ["stage", "augment", "--params", str(project / "params.yaml"), "--no-track", "--set", at_chance[0]]
+    argv = ["stage", "augment", "--params", str(project / "params.yaml"), "--no-track"]
+    argv += [f"--set={o}" for o in at_chance]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "stage 'augment' will not start: WEAK TEACHER" in err and "Traceback" not in err
 
-    warn = load_params(project / "params.yaml", [*at_chance, "teacher_gate.on_fail=warn"])
+    warn = load_params(project / "params.yaml", [at_chance[0], "teacher_gate.on_fail=warn"])
     run_stage("rewire", warn, layout)  # the user said go on
     assert (layout.out("rewire") / "manifest.json").is_file()
 
