@@ -72,7 +72,7 @@ def compress(
 
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     schedule = make_schedule(cfg, steps_per_epoch)
-    position = {"step": 0}  # optimizer steps done; restored from the checkpoint on resume
+    position = {"step": 0}  # steps taken before the current one (fit's before_step says, resume included)
 
     def gates_at(step: int) -> tuple[float, list[bool]]:
         rate = schedule(step)
@@ -93,9 +93,11 @@ def compress(
             loss.backward()
         return {"loss": loss.item()}
 
+    def begin(step_index: int, indices: Any) -> None:
+        position["step"] = step_index
+
     def on_each_step(at_step: int) -> dict[str, float]:
-        rate, gates = gates_at(position["step"])  # what the step just taken used
-        position["step"] = at_step
+        rate, gates = gates_at(at_step - 1)  # what the step just taken used
         if on_step is not None:
             on_step(at_step)
         return {"replacing_rate": rate, "replaced_modules": float(sum(gates))}
@@ -108,8 +110,8 @@ def compress(
     train_cfg = TrainConfig.from_section(cfg, seed, epochs=cfg.epochs + cfg.finetune_epochs)
     result = fit(
         model, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
-        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step,
-        extra_state=(lambda: dict(position), position.update), desc="theseus",
+        tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step, before_step=begin,
+        desc="theseus",
         pad_id=model.config.pad_token_id or 0,
     )  # fmt: skip
 

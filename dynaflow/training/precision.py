@@ -14,12 +14,15 @@ import contextlib
 import functools
 import logging
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from dynaflow.config import Precision
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # auto, fp32, bf16: what params.yaml allows
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
