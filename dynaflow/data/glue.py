@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynaflow.core.errors import DynaflowError
+
 __all__ = [
     "TASKS",
     "ColumnLayout",
@@ -39,15 +41,15 @@ _ROW_PREVIEW_CHARS = 160
 STSB_SCORE_RANGE = (0.0, 5.0)
 
 
-class MalformedDataError(ValueError):
+class MalformedDataError(DynaflowError, ValueError):
     """A data row (or a whole file) does not match the task's GLUE layout."""
 
 
-class GlueFileNotFoundError(FileNotFoundError):
+class GlueFileNotFoundError(DynaflowError, FileNotFoundError):
     """A split file is missing from the GLUE directory."""
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(DynaflowError, RuntimeError):
     """The Hugging Face hub copy of GLUE could not be loaded (offline, not cached, ...)."""
 
 
