@@ -24,6 +24,21 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def sqlite_store_path(root: Path) -> Path | None:
+    """The database file behind the project's tracking URI, or None when the store is not a SQLite file.
+
+    SQLAlchemy's forms: ``sqlite:////abs/path.db``, ``sqlite:///relative.db`` (from the working directory),
+    ``sqlite+driver:///...``; ``sqlite://`` and ``:memory:`` are in memory (None).
+    """
+    scheme, sep, rest = tracking_uri(root).partition("://")
+    if not sep or scheme.split("+")[0].lower() != "sqlite" or not rest.startswith("/"):
+        return None
+    path = rest[1:].split("?")[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(os.path.abspath(path))
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():
@@ -91,6 +106,11 @@ class Tracker(NullTracker):
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def end_status(exc: BaseException) -> str:
+    """How a run that stopped on ``exc`` ends in MLflow: KILLED when it was interrupted, else FAILED."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
 def start_run(root: Path, run_name: str, tags: dict[str, Any] | None = None) -> Tracker:
