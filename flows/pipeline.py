@@ -16,6 +16,8 @@ recording into the task's MLflow child run, and reads back its manifest; one pro
 
 from __future__ import annotations
 
+import logging
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,16 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
+from prefect.states import Cancelled, Failed, State
 
 from dynaflow.config import Params, load_params
 from dynaflow.core import distributed as ddp
 from dynaflow.core.artifacts import check_output
+from dynaflow.core.errors import DynaflowError, Interrupted
 from dynaflow.core.tracking import NullTracker, Tracker, start_run
+from flows.server import guard_temporary_server
 from stages import STAGES, Layout, flow_stages, run_stage, stage_key, summary
 from stages.select import rebuild_report
 
@@ -59,11 +65,36 @@ def stage_task(
             result = run_launched(name, key, params, path, layout, tracker)
         else:
             result = run_stage(name, validated, layout, tracker)
+    except DynaflowError as exc:  # expected (bad data, a refused upstream): its message, no traceback
+        tracker.end("FAILED")
+        _EXPECTED.update((str(exc), repr(str(exc))[1:-1]))  # Prefect logs it as text and as a repr
+        return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
+    except (KeyboardInterrupt, TerminationSignal):
+        tracker.end("KILLED")
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
     tracker.end()
     return result | {"status": "ran"}
+
+
+# Messages of expected errors raised in this process: Prefect's own "failed with state" log lines for
+# them are dropped (the CLI prints the message once, last); a bug's traceback is never dropped.
+_EXPECTED: set[str] = set()
+
+
+class _QuietExpected(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(message in text for message in _EXPECTED)
+
+
+def _quiet_expected_failures() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietExpected) for f in logger.filters):
+            logger.addFilter(_QuietExpected())
 
 
 def _yaml_value(value: Any) -> str:
@@ -103,6 +134,8 @@ def run_launched(
     cmd = launch_command(name, params, params_path, tracker.run_id)
     print(f"{name}: launching {ddp.describe(cmd)}", flush=True)  # a task's prints go to the Prefect log
     done = subprocess.run(cmd, cwd=layout.root, env=ddp.launch_env(Params.model_validate(params).launch))
+    if done.returncode == 2:  # an expected error: the launched stage has printed its message
+        raise DynaflowError(f"stage {name!r} stopped under torchrun: see its message above")
     if done.returncode != 0:
         raise RuntimeError(f"stage {name!r} failed under torchrun (exit {done.returncode})")
     problem = check_output(layout.out(name), key)
@@ -156,12 +189,20 @@ def pipeline(
                 name, key, params.model_dump(mode="json"), str(layout.root), parent,
                 str(Path(params_path).resolve()), return_state=True,
             )  # fmt: skip
+            if state.is_failed() and isinstance(exc := state.result(raise_on_failure=False), DynaflowError):
+                parent.end("FAILED")
+                return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
             result = state.result()
             if state.name == "Cached":
                 logger.info("%s: cached (output %s)", name, result["out"])
                 _record_cached(parent, name, layout, key)
                 result = result | {"status": "cached"}
             results[name] = result
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        parent.end("KILLED")
+        signum = getattr(exc, "signum", None) or getattr(exc, "signal", signal.SIGINT)
+        why = f"interrupted by {signal.Signals(signum).name}: completed stages are kept"
+        return Cancelled(message=why, data=Interrupted(signum))  # type: ignore[return-value]
     except BaseException:
         parent.end("FAILED")
         raise
@@ -180,6 +221,22 @@ def run_flow(flow_name: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
     ``dynaflow`` is :func:`pipeline` itself; every other flow (``theseus``, ``compare``, a new method's)
     is the same flow body under its own name in Prefect, so each shows up as its own flow.
     """
+    _quiet_expected_failures()
+    guard_temporary_server()
     if flow_name == "dynaflow":
-        return pipeline(**kwargs)
-    return pipeline.with_options(name=flow_name)(**kwargs, stage_names=flow_stages(flow_name))
+        state = pipeline(**kwargs, return_state=True)
+    else:
+        named = pipeline.with_options(name=flow_name)
+        state = named(**kwargs, stage_names=flow_stages(flow_name), return_state=True)
+    return flow_result(state)
+
+
+def flow_result(state: State) -> dict[str, dict[str, Any]]:
+    """The flow's results; an expected error or an interrupt is raised as itself, for the CLI to report
+    in one line (exit 2, or 128 + the signal), a bug as its exception (Prefect has logged its traceback)."""
+    if state.is_cancelled():
+        data = state.result(raise_on_failure=False)
+        raise data if isinstance(data, Interrupted) else Interrupted()
+    if state.is_failed():
+        raise state.result(raise_on_failure=False)  # type: ignore[misc]
+    return state.result()  # type: ignore[return-value]

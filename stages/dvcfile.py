@@ -23,6 +23,8 @@ HEADER = """\
 # `dynaflow run` hashes both. Training stages run data-parallel under torchrun when params.yaml's `launch`
 # asks for more than one process; `launch` is not a params dep: N processes give the same result as one.
 # Nor is `teacher_gate`: it decides whether the teacher's readers may start, not what they compute.
+# outs persist: each command waits for the project lock, then replaces its output atomically; DVC must not
+# delete it first, under a `dynaflow run` that may be reading it.
 """
 
 
@@ -36,7 +38,9 @@ def stage_entry(name: str, params: Params) -> dict:
         "deps": outputs + code,
         # DVC names whole sections (or keys): a measurement's params view is the evaluate section.
         "params": list(dict.fromkeys(s.split(".")[0] for s in stage.sections)),
-        "outs": [stage.out],
+        # persist: DVC would delete the output before the command runs, under a `dynaflow run` that may be
+        # reading it; the command waits for the project lock and replaces the output atomically itself.
+        "outs": [{stage.out: {"persist": True}}],
         "metrics": [{m: {"cache": False}} for m in metrics],
     }
 

@@ -31,8 +31,11 @@ from dynaflow.core.artifacts import (
     file_digest,
     manifest_digest,
     staged_output,
+    sweep_leftovers,
+    unwritable,
     write_manifest,
 )
+from dynaflow.core.errors import DynaflowError
 from dynaflow.core.tracking import NullTracker
 
 CODE_VERSION = "2"  # bump to invalidate every cached stage after a change the source hashes cannot see
@@ -277,14 +280,44 @@ class UpstreamRefused(ConfigError):
     """An upstream output is complete but not fit to build on (its stage's gate said why)."""
 
 
+class UpstreamMissing(DynaflowError):
+    """An upstream output is missing, incomplete or altered: its stage must run (again) first."""
+
+
 def check_upstream(name: str, layout: Layout, params: Params | None = None) -> None:
     for up in STAGES[name].upstream:
         problem = check_output(layout.out(up))
         if problem:
-            raise RuntimeError(f"stage {name!r} needs the output of {up!r}, which is not usable: {problem}")
+            raise UpstreamMissing(
+                f"stage {name!r} needs the output of stage {up!r}, which is not usable: {problem}. "
+                f"Run `dynaflow run --until {name}` (or `dvc repro {name}`) to rebuild what is missing"
+            )
         gate = STAGES[up].gate
         if params is not None and gate is not None and (why := gate(params, layout)):
             raise UpstreamRefused(f"stage {name!r} will not start: {why}")
+
+
+def recover_outputs(layout: Layout) -> list[str]:
+    """Clean up after a killed run: temporary outputs and metrics, half-replaced outputs, checkpoint
+    temporaries (see :func:`dynaflow.core.artifacts.sweep_leftovers`). Call under the project lock."""
+    folders = {layout.out(n).parent for n in STAGES} | {layout.work(n) for n in STAGES}
+    return sweep_leftovers([*folders, layout.metrics("data").parent])
+
+
+def check_writable(names: list[str], layout: Layout) -> None:
+    """Fail before any work when a stage could not write its output, metrics or checkpoints."""
+    problems = []
+    for name in names:
+        for path in (layout.out(name), layout.metrics(name).parent, layout.work(name)):
+            if (where := unwritable(path)) is not None:
+                problems.append(f"  stage {name!r}: {where} is not writable")
+                break
+    if problems:
+        raise DynaflowError(
+            "output folders this run must write are read-only (the stage would train, then fail to "
+            "replace its output):\n" + "\n".join(problems) + "\nmake them writable (chmod -R u+w PATH) "
+            "or run as their owner"
+        )
 
 
 def run_stage(

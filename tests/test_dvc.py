@@ -31,7 +31,8 @@ def test_dvc_yaml_is_generated_from_the_registry(monkeypatch: pytest.MonkeyPatch
         code = {c if (ROOT / c).is_file() else c.removesuffix(".py") + "/__init__.py" for c in code}
         outs = {STAGES[u].out for u in (*stage.upstream, *stage.gathers())}
         assert set(declared[name]["deps"]) == code | outs, name
-        assert declared[name]["cmd"] == f"dynaflow stage {name}" and declared[name]["outs"] == [stage.out]
+        assert declared[name]["cmd"] == f"dynaflow stage {name}"
+        assert declared[name]["outs"] == [{stage.out: {"persist": True}}]  # dvc repro must not delete it
     assert [next(iter(m)) for m in declared["select"]["metrics"]] == [
         "metrics/select.json", *(f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles)
     ]

@@ -6,14 +6,23 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
-from dynaflow.cli.env import project_env
+from dynaflow.cli.env import prepare_project, project_env
 from dynaflow.config import ConfigError, Params, load_params
-from dynaflow.models.backbone import check_grid
+from dynaflow.core.errors import DynaflowError, Interrupted
+from dynaflow.core.lock import project_lock
+from dynaflow.models.backbone import check_backbone
+
+DEBUG_ENV = "DYNAFLOW_DEBUG"
+# The DynaBERT flow's stages, for --help (importing the registry would cost seconds); a test keeps it true.
+DYNABERT_STAGES = ("data", "teacher", "rewire", "augment", "width_kd", "depth_kd", "evaluate", "select")
 
 EPILOG = """examples:
   dynaflow run                              # the whole pipeline through Prefect, cached per stage
@@ -71,13 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"--until {args.until!r}: not a stage of flow {args.flow!r}; stages: {', '.join(names)}"
         )
     if "theseus" in names:
-        from dynaflow.methods.theseus.model import check_backbone
+        from dynaflow.methods.theseus.model import check_backbone as check_theseus_backbone
 
-        check_backbone(params)
-    if "width_kd" in names:
-        check_grid(params)
+        check_theseus_backbone(params)
+    check_backbone(params)
     project_env(root)
-    print_plan(params, root, names if args.until is None else names[: names.index(args.until) + 1])
+    names = names if args.until is None else names[: names.index(args.until) + 1]
+    prepare_project(root, names, not args.no_track, prefect=True, reset_prefect=args.reset_prefect_db)
+    print_plan(params, root, names)
     from flows.pipeline import run_flow
 
     started = time.perf_counter()
@@ -121,17 +131,18 @@ def print_selection(out: Path) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from dynaflow.core import distributed as ddp
-    from dynaflow.core.tracking import NullTracker, attach_run, start_run
+    from dynaflow.core.tracking import NullTracker, attach_run, end_status, start_run
     from stages import STAGES, Layout, run_stage
 
     if args.name not in STAGES:
-        print(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"unknown stage {args.name!r}; stages: {', '.join(STAGES)}")
     _launch_overrides(args)
     params = load_params(args.params, args.set)
-    check_grid(params)
+    check_backbone(params)
     root = Path(args.params).resolve().parent
     project_env(root)
+    if not ddp.launched():  # housekeeping once, by the process that holds the lock (not each rank)
+        prepare_project(root, [args.name], track=not args.no_track and not args.run_id)
     if STAGES[args.name].distributed and ddp.processes(params.launch) > 1 and not ddp.launched():
         cmd = relaunch_command(args, params.launch)  # this same command, once per process, under torchrun
         print(f"launching: {ddp.describe(cmd)}", file=sys.stderr, flush=True)
@@ -150,9 +161,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
         tracker = start_run(root, args.name, {"driver": "cli", "stage": args.name})
     try:
         result = run_stage(args.name, params, Layout(root), tracker)
-    except BaseException:
+    except BaseException as exc:
         if owned:
-            tracker.end("FAILED")
+            tracker.end(end_status(exc))
         raise
     finally:
         ddp.shutdown()
@@ -202,10 +213,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an expected error too (or {DEBUG_ENV}=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, writes: bool = False) -> None:
         p.add_argument("--params", default="params.yaml", help="params file; its folder is the project root")
+        if writes:  # one writer per project: the others wait for the lock, or fail at once with --no-wait
+            p.add_argument(
+                "--no-wait",
+                action="store_true",
+                help="if another dynaflow run holds the project lock, fail at once instead of waiting",
+            )
+            p.set_defaults(locks=True)
         p.add_argument(
             "--set",
             action="append",
@@ -238,15 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow, reusing up-to-date stages")
-    common(p)
+    common(p, writes=True)
     flow_option(p)
-    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument(
+        "--until",
+        metavar="STAGE",
+        help=f"stop after this stage; the dynaflow flow's stages: {', '.join(DYNABERT_STAGES)} "
+        "(`dynaflow status --flow NAME` lists another flow's)",
+    )
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.add_argument(
+        "--reset-prefect-db",
+        action="store_true",
+        help="move a damaged Prefect database ($PREFECT_HOME/prefect.db: run history only) aside first",
+    )
     launch_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("stage", help="run one stage now, without Prefect (what dvc.yaml calls)")
-    common(p)
+    common(p, writes=True)
     p.add_argument("name", help="stage name: data, teacher, ...")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     p.add_argument("--run-id", help="record into this existing MLflow run (the flow's launched stages)")
@@ -269,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -276,14 +311,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "alembic", "mlflow.store.db.utils"):  # per-request / migration chatter
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Ctrl-C and SIGTERM stop a run the same way, even where a non-interactive shell started it with
+    # SIGINT ignored (a background job): the run's own temporary Prefect server no longer gets them.
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can be set only there
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in signals}
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return args.func(args)
-    except ConfigError as exc:
+        if getattr(args, "locks", False):
+            with project_lock(Path(args.params).resolve().parent, wait=not args.no_wait):
+                code = args.func(args)
+        else:
+            code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except DynaflowError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: completed stages are kept; re-run to resume", file=sys.stderr)
-        return 130
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        code = exc.exit_code if isinstance(exc, Interrupted) else 130
+        print("interrupted: completed stages and the last checkpoint are kept; run again to resume",
+              file=sys.stderr)  # fmt: skip
+        return code
+    except BrokenPipeError:  # `dynaflow status | head -1`: the reader is gone, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    finally:  # main() called in-process (tests, a notebook) leaves the caller's handlers as they were
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dynaflow.core.tracking import NullTracker, start_run
+    from dynaflow.core.tracking import NullTracker, end_status, start_run
     from stages.select import measure_profile_here
 
     params = load_params(args.params, args.set)
@@ -125,18 +125,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tracker = NullTracker() if args.no_track else start_run(root, f"evaluate-{args.profile}", tags)
     try:
         result = measure_profile_here(params, root, args.profile, tracker)
-    except BaseException:
-        tracker.end("FAILED")
+    except BaseException as exc:
+        tracker.end(end_status(exc))
         raise
     tracker.end()
     print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
     return 0
 
 
-def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_commands(sub: Any, common: Callable[..., None]) -> None:
     """Register the three commands on the ``dynaflow`` parser's subcommands."""
     p = sub.add_parser("export", help="export one sub-network (HF dir, optional ONNX), checked, with a card")
-    common(p)
+    common(p, writes=True)
     p.add_argument("--width", type=float, required=True, help="width multiplier, e.g. 0.5")
     p.add_argument("--depth", type=float, required=True, help="depth multiplier, e.g. 0.75")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with ONNX Runtime)")
@@ -146,7 +146,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="rebuild the evaluation report from stored results")
-    common(p)
+    common(p, writes=True)
     p.add_argument("--results", nargs="+", metavar="PATH",
                    help="results.json files or directories holding one (default: artifacts/selection and "
                    "artifacts/evaluation-hw/*)")  # fmt: skip
@@ -156,7 +156,7 @@ def add_commands(sub: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     p = sub.add_parser(
         "evaluate", help="measure one hardware profile on this machine, every method, then select and export"
     )
-    common(p)
+    common(p, writes=True)
     p.add_argument("--profile", required=True, help="a name from params.yaml evaluate.profiles")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     p.set_defaults(func=cmd_evaluate)

@@ -12,12 +12,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from dynaflow.core.faults import fault_point
 
 MANIFEST = "manifest.json"
 
@@ -166,6 +169,7 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     try:
         yield tmp
         _open_up(tmp)
+        fault_point(f"commit.{out_dir.name}")
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -176,3 +180,63 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What atomic_file (mkstemp) and staged_output (mkdtemp) leave behind when the process dies: a dot, the
+# target's name, 8 random characters, ".tmp" and (files) the target's suffix; or the ".old" of a rename.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def sweep_leftovers(folders: list[Path]) -> list[str]:
+    """Remove what a killed process left in ``folders`` (call it only while no other run can be writing:
+    under the project lock). A ``.NAME.old`` whose ``NAME`` is missing is the one moment of
+    :func:`staged_output` between its two renames: the old output is put back (its manifest decides
+    later whether it is still usable). Returns what was done, one line each."""
+    done = []
+    for folder in sorted({Path(f) for f in folders}):
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            name = entry.name
+            if name.startswith(".") and name.endswith(".old") and entry.is_dir():
+                target = entry.with_name(name[1:-4])
+                if not target.exists():
+                    os.replace(entry, target)
+                    done.append(f"restored {target} (a run was killed while replacing it)")
+                    continue
+            elif not _LEFTOVER.match(name):
+                continue
+            _remove(entry)
+            done.append(f"removed {entry} (left by a killed run)")
+    return done
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        _make_writable(entry)
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def _make_writable(tree: Path) -> None:
+    """A read-only leftover (chmod by a user) cannot be emptied until its folders are writable again."""
+    for p in [tree, *tree.rglob("*")]:
+        if p.is_dir() and not p.is_symlink():
+            p.chmod(p.stat().st_mode | 0o700)
+
+
+def unwritable(path: Path) -> Path | None:
+    """The first place under ``path`` (itself, or its nearest existing parent) this process cannot write,
+    so that a stage fails before it trains, not when it renames its output into place."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        return probe
+    if probe == path and path.is_dir():
+        for p in path.rglob("*"):
+            if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK):
+                return p
+    return None

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dynaflow.core import distributed as ddp
+from dynaflow.core.faults import fault_point
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TokenizedSplit, batch_order, collate
 from dynaflow.training import precision as mixed
@@ -218,6 +219,7 @@ def fit(
             history.append((step, float(loss)))
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}", ex_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
+            fault_point(f"step.{desc}.{step}")
             if step % cfg.log_every == 0 or step == total:
                 tracker.log_metrics(
                     {**losses, "lr": scheduler.get_last_lr()[0], "examples_per_s": rate}, step=step
