@@ -16,6 +16,8 @@ recording into the task's MLflow child run, and reads back its manifest; one pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import signal
 import subprocess
@@ -24,10 +26,12 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Failed, State
+from prefect.utilities.annotations import quote
 
 from dynaflow.config import Params, load_params
 from dynaflow.core import distributed as ddp
@@ -36,11 +40,13 @@ from dynaflow.core.errors import DynaflowError, Interrupted
 from dynaflow.core.tracking import NullTracker, Tracker, start_run
 from flows.server import guard_temporary_server
 from stages import STAGES, Layout, flow_stages, run_stage, stage_key, summary
+from stages.registry import inputs_of_declared
 from stages.select import rebuild_report
 
 
 def _cache_key(ctx: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"{parameters['name']}-{parameters['key']}"
+    name, key = (getattr(v, "unquote", lambda v=v: v)() for v in (parameters["name"], parameters["key"]))
+    return f"{name}-{key}"
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
@@ -95,6 +101,35 @@ def _quiet_expected_failures() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _QuietExpected) for f in logger.filters):
             logger.addFilter(_QuietExpected())
+
+
+def dependency(state: State) -> State:
+    """``state`` as a ``wait_for`` entry, without its result. Prefect finds a task's upstream runs by the
+    identity of the objects it is given, its result's parts included, and any object that happened to get
+    the id of another task's result drew an edge that is not there; the inputs are quoted for the same
+    reason, so the graph shows what each stage reads and nothing else."""
+    return state.model_copy(update={"data": object()})
+
+
+def params_digest(dumped: dict[str, Any]) -> str:
+    """A short name for a set of params (MLflow run names tell runs with other params apart by it)."""
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+
+
+def publish(name: str, result: dict[str, Any]) -> None:
+    """What a stage computed, as Prefect artifacts on the flow run: its metrics as a table, and for a
+    distillation stage its grid (dev score per sub-network)."""
+    numbers = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
+    rows = [{"metric": k, "value": round(v, 6)} for k, v in numbers.items()]
+    if rows:
+        create_table_artifact(rows, key=f"{name.replace('_', '-')}-metrics",
+                              description=f"{name}: {result['status']}, output {result['out']}")  # fmt: skip
+    grid = Path(result["out"]) / "grid.json"
+    if grid.is_file():
+        scores = json.loads(grid.read_text())
+        table = [{"sub-network": k, "dev score": round(v["score"], 4)} for k, v in scores.items()]
+        create_table_artifact(table, key=f"{name.replace('_', '-')}-grid",
+                              description=f"{name}: dev score of every sub-network")  # fmt: skip
 
 
 def _yaml_value(value: Any) -> str:
@@ -176,19 +211,24 @@ def pipeline(
     names = list(stage_names) if stage_names is not None else flow_stages("dynaflow")
     if until is not None:
         names = names[: names.index(until) + 1]
+    dumped = params.model_dump(mode="json")
     tags = {"driver": "prefect", "task": params.data.task, "flow": flow_run.flow_name}
-    parent: Tracker | NullTracker = start_run(layout.root, "pipeline", tags) if track else NullTracker()
+    run_name = f"{flow_run.flow_name} {params.data.task} {params_digest(dumped)[:7]}"
+    parent: Tracker | NullTracker = start_run(layout.root, run_name, tags) if track else NullTracker()
     if track:
-        parent.log_params(params.model_dump(mode="json"))
+        parent.log_params(dumped)
     results: dict[str, dict[str, Any]] = {}
+    states: dict[str, State] = {}
     try:
         for name in names:
             key = stage_key(name, params, layout)
             fresh = not usable(name, layout, key)
+            inputs = (name, key, dumped, str(layout.root), parent, str(Path(params_path).resolve()))
             state = stage_task.with_options(name=name, refresh_cache=fresh)(
-                name, key, params.model_dump(mode="json"), str(layout.root), parent,
-                str(Path(params_path).resolve()), return_state=True,
+                *map(quote, inputs), return_state=True,
+                wait_for=[dependency(states[u]) for u in inputs_of_declared(name) if u in states],
             )  # fmt: skip
+            states[name] = state
             if state.is_failed() and isinstance(exc := state.result(raise_on_failure=False), DynaflowError):
                 parent.end("FAILED")
                 return Failed(message=str(exc), data=exc)  # type: ignore[return-value]
@@ -198,6 +238,7 @@ def pipeline(
                 _record_cached(parent, name, layout, key)
                 result = result | {"status": "cached"}
             results[name] = result
+            publish(name, result)
     except (KeyboardInterrupt, TerminationSignal) as exc:
         parent.end("KILLED")
         signum = getattr(exc, "signum", None) or getattr(exc, "signal", signal.SIGINT)
@@ -206,11 +247,13 @@ def pipeline(
     except BaseException:
         parent.end("FAILED")
         raise
-    parent.log_metrics({f"{n}.{k}": v for n, r in results.items() for k, v in r["metrics"].items()})
+    # "stage/metric": MLflow's charts group by the part before the slash.
+    parent.log_metrics({f"{n}/{k}": v for n, r in results.items() for k, v in r["metrics"].items()})
     if "select" in results:  # the selection with the profiles measured on other machines merged in
         report, note = rebuild_report(layout.root)
         logger.info("%s: %s", note, report)
-        parent.log_artifact(report, "report")
+        parent.log_artifacts(report.parent, "report")  # the report and its plots
+        create_markdown_artifact(report.read_text(), key="evaluation-report", description=note)
     parent.end()
     return results
 

@@ -8,6 +8,8 @@ differs; a test runs the check.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -71,3 +73,23 @@ def differences(path: Path, params: Params) -> list[str]:
             elif got != value:
                 problems.append(f"stage {name}: {key} is {got!r}, the registry says {value!r}")
     return problems
+
+
+def record_in_dvc(root: Path, names: list[str], params: Params) -> str:
+    """Tell DVC what ``dynaflow run`` built: ``dvc commit`` the stages (``dvc.lock`` and DVC's cache), so
+    ``dvc status`` sees them up to date and ``dvc repro`` does not build them again.
+
+    Only for outputs of exactly ``params.yaml`` (the caller checks there were no ``--set`` overrides: DVC
+    would record the file's values) and a ``dvc.yaml`` in step with the registry. Returns what happened,
+    in words; a failure is reported, not raised (DVC's record is a convenience, the outputs are built).
+    """
+    if not (root / ".dvc").is_dir():
+        return "not a DVC project: dvc.lock not written"
+    if differences(root / "dvc.yaml", params):
+        return "dvc.yaml is out of step with the stages (run `dynaflow dvc-yaml`): dvc.lock not written"
+    cmd = [sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *names]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return f"`dvc commit` failed ({why}): dvc.lock not updated; `dvc repro` would rebuild these stages"
+    return f"recorded {len(names)} stage(s) in dvc.lock: `dvc status` and `dvc repro` see them up to date"

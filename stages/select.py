@@ -57,12 +57,17 @@ def profile_metrics_file(layout: Layout, profile: str) -> Path:
     return layout.root / "metrics" / f"eval_{profile}.json"
 
 
-def floor_for(params: Params, layout: Layout) -> QualityFloor:
-    """The quality floor from the data stage's chance score and the teacher's dev score."""
+def reference_scores(layout: Layout) -> dict[str, float | None]:
+    """The teacher's dev score and the majority-class / chance score (the report draws both)."""
     meta = read_task_meta(layout.out("data"))
     teacher_file = layout.out("teacher") / "metrics.json"
     teacher = json.loads(teacher_file.read_text()).get("score") if teacher_file.is_file() else None
-    chance = (meta.get("chance") or {}).get("score")
+    return {"teacher": teacher, "chance": (meta.get("chance") or {}).get("score")}
+
+
+def floor_for(params: Params, layout: Layout) -> QualityFloor:
+    """The quality floor from the data stage's chance score and the teacher's dev score."""
+    teacher, chance = reference_scores(layout).values()
     cfg = params.evaluate
     if not cfg.quality_floor:
         return QualityFloor(None, "no quality floor (evaluate.quality_floor: false)")
@@ -103,6 +108,7 @@ def select_and_export(
     meta = read_task_meta(data_dir)
     floor = floor_for(params, layout)
     merged["quality"] = floor.reason
+    merged["reference"] = reference_scores(layout) | {"floor": floor.floor}
     batch = reference_batch(data_dir, vocab_size=0)
     for entry in merged["profiles"]:
         if entry["status"] != "measured":

@@ -113,6 +113,7 @@ def fine_tune(
     # manifest, and the stages downstream stay cached. Timings go to metrics/teacher.json and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
+    tracker.log_artifact(out_dir / "loss_curve.json")
     tracker.log_metrics({f"final.dev.{k}": v for k, v in metrics.items()})
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
 

@@ -137,6 +137,8 @@ def compress(
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
     atomic_write_json(out_dir / "replacing_rate.json", [(s, r, sum(g)) for s, r, g in rates])
+    for curve in ("loss_curve.json", "replacing_rate.json"):
+        tracker.log_artifact(out_dir / curve)
     log.info("theseus: %d-layer successor dev %s (predecessor %s)", modules, metrics.get("score"),
              metrics.get("predecessor.score"))  # fmt: skip
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,43 @@ def test_remembered_digests_notice_every_change(tmp_path: Path) -> None:
     os.utime(replaced, ns=(10**18, 10**18))  # same times as before, but another inode
     os.replace(replaced, path)
     assert artifacts.file_digest(path) == hashlib.sha256(b"d" * 64).hexdigest()
+
+
+def test_digests_kept_across_processes_still_see_every_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def aged(path: Path, content: bytes) -> Path:
+        """Written, then dated an hour back: out of the racy window, so its digest may be kept."""
+        path.write_bytes(content)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+        return path
+
+    db = tmp_path / "digests.db"
+    model = aged(tmp_path / "model.bin", b"weights v1")
+    artifacts.remember_digests_in(db)
+    first = artifacts.file_digest(model)
+    artifacts._DIGESTS.clear()  # a new process: only the file on disk remembers
+    artifacts.remember_digests_in(db)
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(artifacts.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    try:
+        assert artifacts.file_digest(model) == first and not hashed  # served from the state file
+        with open(model, "ab") as fh:  # edited in place (same inode)
+            fh.write(b"!")
+        assert artifacts.file_digest(model) != first
+        edited = artifacts.file_digest(aged(model, b"weights v1"))  # same content, times moved back
+        assert edited == first
+        replacement = aged(tmp_path / "other.bin", b"weights v2")  # same size, another inode
+        os.replace(replacement, model)
+        os.utime(model, (time.time() - 3600, time.time() - 3600))
+        assert artifacts.file_digest(model) == real_sha256(b"weights v2").hexdigest()
+        with open(model, "r+b") as fh:  # truncated
+            fh.truncate(3)
+        assert artifacts.file_digest(model) == real_sha256(b"wei").hexdigest()
+        db.write_bytes(b"not a database")  # a damaged cache: files are hashed again, nothing fails
+        artifacts._DIGESTS.clear()
+        artifacts.remember_digests_in(db)
+        assert artifacts.file_digest(model) == real_sha256(b"wei").hexdigest()
+    finally:
+        artifacts.remember_digests_in(None)

@@ -92,3 +92,21 @@ def test_dvc_repro_reruns_only_what_changed(
 
     shown = dvc(project, "metrics", "show")
     assert "metrics/teacher.json" in shown and "metrics/data.json" in shown
+
+
+@pytest.mark.slow
+def test_what_dynaflow_run_built_is_built_for_dvc(project: Path, tmp_path: Path) -> None:
+    shutil.copy(ROOT / "dvc.yaml", project)
+    for package in ("stages", "dynaflow"):  # the code dvc.yaml's deps name
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    dvc(project, "init", "--no-scm", "-q")
+    dvc(project, "config", "cache.type", "reflink,hardlink,copy")  # as the repository's .dvc/config
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "dynaflow.cli", "run", "--flow", "compare", "--no-track"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "recorded" in done.stdout and "in dvc.lock" in done.stdout, done.stdout
+    assert "up to date" in dvc(project, "status")
+    assert "Data and pipelines are up to date" in dvc(project, "repro")

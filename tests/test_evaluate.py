@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -484,8 +485,14 @@ def test_cli_export_any_grid_point(project_root: Path, tmp_path: Path, capsys: p
         == 0
     )
     assert {"model.onnx", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
-    assert "width 0.5, depth 1" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "width 0.5, depth 1" in card
     assert "exported w0.5_d1.0" in capsys.readouterr().out
+    snippets = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert len(snippets) == 2  # transformers' pipeline and ONNX Runtime
+    for code in snippets:  # each runs as written (no prompt for remote code, the right paths)
+        exec(compile(code, "model card", "exec"), {})
+    assert "'label'" in capsys.readouterr().out  # the pipeline snippet printed its prediction
     assert main(["export", "--params", params, "--width", "1.5", "--depth", "1.0"]) == 2
     assert "(0, 1]" in capsys.readouterr().err
 
@@ -622,3 +629,21 @@ def test_a_process_worker_runs_the_profile_deployment_from_prefect_yaml(
     assert [(e["profile"]["name"], e["status"]) for e in entries] == [("cpu_all", "measured")]
     assert sum(r["method"] == "dynabert" for r in entries[0]["rows"]) == 4
     assert (out / "manifest.json").is_file()
+
+
+def test_plot_labels_do_not_collide() -> None:
+    import matplotlib.pyplot as plt
+
+    from dynaflow.evaluation.report import place_labels
+
+    # Four sub-networks almost on top of each other (as 0.25/0.5 and 0.25/0.75 were on cpu1).
+    points = [{"label": f"0.25/{d}", "latency_ms": 2.0 + i * 0.01, "metric": 0.80 + i * 0.001, "method": "m"}
+              for i, d in enumerate((0.5, 0.75, 1.0, 0.6))]  # fmt: skip
+    fig, ax = plt.subplots()
+    ax.scatter([p["latency_ms"] for p in points], [p["metric"] for p in points])
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0.5, 0.9)
+    boxes = place_labels(ax, points, {"m": "C0"})
+    plt.close(fig)
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

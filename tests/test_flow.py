@@ -66,7 +66,9 @@ def test_cache_rules(project: Path, tiny_glue: Path, tracking: str) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name("dynaflow").experiment_id], max_results=200)
+    experiment = client.get_experiment_by_name("dynaflow")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI view
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 8 and len(children) == 8 * len(everything)
@@ -79,3 +81,35 @@ def test_cache_rules(project: Path, tiny_glue: Path, tracking: str) -> None:
     assert "final.dev.acc" in latest.data.metrics
     assert len(client.get_metric_history(latest.info.run_id, "loss")) >= 1  # the loss curve
     assert all(r.data.tags["cached"] in {"true", "false"} for r in children)
+    assert {r.info.run_name.split()[:2] == ["dynaflow", "sst2"] for r in parents} == {True}
+    assert len({r.info.run_name for r in parents}) == 2  # two sets of params ran: default, lr 0.002
+    assert "teacher/acc" in max(parents, key=lambda r: r.info.start_time).data.metrics
+    assert "loss_curve.json" in {a.path for a in client.list_artifacts(latest.info.run_id)}
+    prefect_records(everything)
+
+
+def prefect_records(everything: list[str]) -> None:
+    """The last flow run's graph has each stage's real inputs only; its artifacts hold metrics and grids."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from stages.registry import inputs_of_declared
+
+    async def read() -> tuple[list, list]:
+        async with get_client() as client:
+            flow_run = (await client.read_flow_runs(limit=1, sort="START_TIME_DESC"))[0]
+            only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+            return await client.read_task_runs(flow_run_filter=only), await client.read_artifacts(
+                flow_run_filter=only
+            )
+
+    task_runs, artifacts = asyncio.run(read())
+    by_id = {t.id: t.name.rsplit("-", 1)[0] for t in task_runs}
+    for t in task_runs:
+        stage = t.name.rsplit("-", 1)[0]
+        upstream = {by_id[i.id] for inputs in t.task_inputs.values() for i in inputs if i.id in by_id}
+        assert upstream == {u for u in inputs_of_declared(stage) if u in everything}, stage
+    keys = {a.key for a in artifacts}
+    assert {"data-metrics", "teacher-metrics", "width-kd-grid", "depth-kd-grid"} <= keys, keys

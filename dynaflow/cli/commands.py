@@ -87,13 +87,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     project_env(root)
     names = names if args.until is None else names[: names.index(args.until) + 1]
     prepare_project(root, names, not args.no_track, prefect=True, reset_prefect=args.reset_prefect_db)
-    print_plan(params, root, names)
-    from flows.pipeline import run_flow
-
     started = time.perf_counter()
-    results = run_flow(args.flow, params_path=args.params, overrides=args.set, until=args.until,
-                       track=not args.no_track)  # fmt: skip
+    plan = print_plan(params, root, names)
+    if any(problem is not None for problem in plan.values()) or os.environ.get("PREFECT_API_URL"):
+        from flows.pipeline import run_flow
+
+        results = run_flow(args.flow, params_path=args.params, overrides=args.set, until=args.until,
+                           track=not args.no_track)  # fmt: skip
+    else:  # nothing to run: no temporary Prefect server, no flow run (a server of the user's own gets one)
+        results = cached_results(params, root, names)
+        print("\neverything is up to date: no stage ran (no Prefect flow run was started)")
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
+    if args.set or args.nproc is not None or args.node_rank is not None:
+        print("dvc.lock not updated: this run's --set overrides are not what params.yaml says")
+    elif any(problem is not None for problem in plan.values()):
+        from stages.dvcfile import record_in_dvc
+
+        print(record_in_dvc(root, list(results), params))
     for name, result in results.items():
         print(f"  {name:<12} {result['status']:<7} output  {result['out']}")
         print(f"  {'':<20} metrics {result['metrics_file']}")
@@ -102,14 +112,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(params: Params, root: Path, names: list[str]) -> None:
+def print_plan(params: Params, root: Path, names: list[str]) -> dict[str, str | None]:
     """Before anything runs: which stages will run (and why) and which come from the cache."""
     from stages import Layout
     from stages.registry import status
 
     print("plan:", flush=True)
-    for name, problem in status(names, params, Layout(root)).items():
+    plan = status(names, params, Layout(root))
+    for name, problem in plan.items():
         print(f"  {name:<12} {'cached' if problem is None else 'runs    (' + problem + ')'}", flush=True)
+    return plan
+
+
+def cached_results(params: Params, root: Path, names: list[str]) -> dict[str, dict]:
+    """What the flow would return when every stage is up to date (and the merged report, refreshed)."""
+    from stages import Layout, stage_key, summary
+    from stages.select import rebuild_report
+
+    layout = Layout(root)
+    results = {n: summary(n, layout, stage_key(n, params, layout)) | {"status": "cached"} for n in names}
+    if "select" in results:
+        report, note = rebuild_report(root)
+        print(f"{note}: {report}")
+    return results
 
 
 def print_selection(out: Path) -> None:
@@ -180,6 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     params = load_params(args.params, args.set)
     layout = Layout(Path(args.params).resolve().parent)
+    project_env(layout.root)
     problems = status(stages_of(args.flow), params, layout)
     for name, problem in problems.items():
         print(f"{name:<12} {'up to date' if problem is None else 'needs to run: ' + problem}")

@@ -15,8 +15,15 @@ def project_env(root: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The temporary server needs ~10-20 s to start on a 2-core machine; the default 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # The stages' own log lines (losses, dev scores, the selection) in the Prefect UI too, not only on
+    # the console; outside a flow run (`dynaflow stage`) they have nowhere to go there, silently.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dynaflow,stages")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from dynaflow.core.artifacts import remember_digests_in
+
+    remember_digests_in(root / ".dynaflow" / "digests.db")  # `status` and no-change runs re-read nothing
 
 
 def prepare_project(

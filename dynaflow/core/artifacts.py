@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any
 from dynaflow.core.faults import fault_point
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 _PROC_STATUS = Path("/proc/self/status")
@@ -81,13 +85,56 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-# sha256 of files this process has hashed, by (path, inode, size, mtime, ctime): a plan, the keys and the
-# checks of one `dynaflow run` read the same outputs several times. A write changes mtime and ctime and a
-# replaced file has another inode, so an altered file is hashed again; but file times tick in steps of a
-# few milliseconds, so (as git does for its "racy" entries) a file modified within RACY_NS of being hashed
-# is not remembered: a second write in the same tick could leave every field equal.
+# sha256 of files already hashed, by (path, inode, size, mtime, ctime): a plan, the keys and the checks of
+# one `dynaflow run` read the same outputs several times, and `dynaflow status` or a no-change run would
+# otherwise re-read every artifact. A write changes mtime and ctime and a replaced file has another inode,
+# so an altered file is hashed again; but file times tick in steps of a few milliseconds, so (as git does
+# for its "racy" entries) a file modified within RACY_NS of being hashed is not remembered: a second write
+# in the same tick could leave every field equal. What no such cache can see (DVC's state database has the
+# same limit): a change that restores the size, inode and both times, which takes a deliberate effort.
 _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 RACY_NS = 2_000_000_000
+_STATE: DigestState | None = None  # the same, kept across processes (see remember_digests_in)
+
+
+class DigestState:
+    """File digests kept in a SQLite file between processes. A cache only: any error turns it off."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.lock = path, threading.Lock()
+        self.db: sqlite3.Connection | None = sqlite3.connect(
+            path, timeout=10, isolation_level=None, check_same_thread=False
+        )
+        self._run("PRAGMA journal_mode=WAL")
+        self._run("PRAGMA synchronous=NORMAL")
+        # One row a path: its stat fields when it was hashed, and the digest.
+        self._run("CREATE TABLE IF NOT EXISTS digest (path TEXT PRIMARY KEY, stat TEXT, sha256 TEXT)")
+
+    def _run(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        if self.db is None:
+            return []
+        try:
+            with self.lock:
+                return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:  # a damaged or locked cache costs hashing time, never a run
+            log.warning("file digest cache %s turned off (%s); files are hashed again", self.path, exc)
+            self.db = None
+            return []
+
+    def get(self, path: str, stat: str) -> str | None:
+        rows = self._run("SELECT stat, sha256 FROM digest WHERE path = ?", (path,))
+        return rows[0][1] if rows and rows[0][0] == stat else None
+
+    def put(self, path: str, stat: str, digest: str) -> None:
+        self._run("INSERT OR REPLACE INTO digest (path, stat, sha256) VALUES (?, ?, ?)", (path, stat, digest))
+
+
+def remember_digests_in(path: Path | None) -> None:
+    """Keep file digests in ``path`` across processes (the CLI: ``.dynaflow/digests.db``); None: only in
+    this process."""
+    global _STATE
+    _STATE = DigestState(Path(path)) if path is not None else None
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
@@ -95,12 +142,18 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if (known := _DIGESTS.get(key)) is not None:
         return known
+    stat = " ".join(map(str, key[1:]))
+    if _STATE is not None and (known := _STATE.get(key[0], stat)) is not None:
+        _DIGESTS[key] = known
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     if st.st_mtime_ns < time.time_ns() - RACY_NS:
         _DIGESTS[key] = h.hexdigest()
+        if _STATE is not None:
+            _STATE.put(key[0], stat, h.hexdigest())
     return h.hexdigest()
 
 

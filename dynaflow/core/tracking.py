@@ -18,6 +18,9 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 EXPERIMENT = "dynaflow"
+# Marks the experiment as model training: without it the MLflow UI opens in its GenAI mode (traces, prompts).
+KIND_TAG = "mlflow.experimentKind"
+KIND = {KIND_TAG: "custom_model_development"}
 
 
 def tracking_uri(root: Path) -> str:
@@ -58,6 +61,7 @@ class NullTracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def child(self, name: str, tags: dict[str, Any] | None = None) -> NullTracker:
         return self
@@ -92,6 +96,9 @@ class Tracker(NullTracker):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
@@ -121,9 +128,11 @@ def start_run(root: Path, run_name: str, tags: dict[str, Any] | None = None) -> 
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        experiment_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=KIND)
     else:
         experiment_id = exp.experiment_id
+        if exp.tags.get(KIND_TAG) != KIND[KIND_TAG]:  # made by an older dynaflow
+            client.set_experiment_tag(experiment_id, KIND_TAG, KIND[KIND_TAG])
     run = client.create_run(
         experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
     )

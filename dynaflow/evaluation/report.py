@@ -54,61 +54,77 @@ def plot_points(entry: dict[str, Any], stat: str = "median") -> list[dict[str, A
     ]
 
 
-def pareto_plot(entry: dict[str, Any], metric_name: str, path: Path, budget_stat: str = "p90") -> None:
-    """Dev metric against median latency, a marker per method; the front (all methods) joined by a line."""
-    points = plot_points(entry, "median")
-    profile = entry["profile"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+# Where a point's label may go, in points from the point (and its alignment), tried in this order.
+LABEL_SPOTS = ((3, 3, "left"), (3, -9, "left"), (-3, 3, "right"), (-3, -9, "right"), (3, 10, "left"),
+               (3, -16, "left"), (-3, 10, "right"), (-3, -16, "right"))  # fmt: skip
+
+
+def place_labels(ax: Any, points: Sequence[dict[str, Any]], colors: dict[str, str]) -> list[Any]:
+    """Annotate each point with its label at the first spot that overlaps no label placed before (the
+    first spot when none is free); returns the labels' display boxes."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list[Any] = []
+    for p in sorted(points, key=lambda p: (p["latency_ms"], -p["metric"])):
+        for dx, dy, ha in LABEL_SPOTS:
+            text = ax.annotate(p["label"], (p["latency_ms"], p["metric"]), xytext=(dx, dy), ha=ha,
+                               textcoords="offset points", fontsize=7, color=colors[p["method"]])  # fmt: skip
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:
+            dx, dy, ha = LABEL_SPOTS[0]
+            text = ax.annotate(p["label"], (p["latency_ms"], p["metric"]), xytext=(dx, dy), ha=ha,
+                               textcoords="offset points", fontsize=7, color=colors[p["method"]])  # fmt: skip
+            box = text.get_window_extent(renderer)
+        placed.append(box)
+    return placed
+
+
+def pareto_plot(
+    entry: dict[str, Any],
+    metric_name: str,
+    path: Path,
+    budget_stat: str = "p90",
+    reference: dict[str, float | None] | None = None,
+) -> None:
+    """Dev metric against the latency statistic the budget applies to, a marker per method (a faint bar
+    from the median to the p90), the front (all methods) joined by a line; the teacher, the chance score
+    and the quality floor as horizontal lines, candidates below the floor crossed out."""
+    points = plot_points(entry, budget_stat)
+    spread = {r["candidate"]: (r["latency_median_ms"], r["latency_p90_ms"]) for r in entry.get("rows") or []}
+    profile, reference = entry["profile"], reference or {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    colors = {}
     for i, method in enumerate(methods_of(entry.get("rows") or [])):
+        colors[method] = f"C{i}"
         mine = [p for p in points if p["method"] == method]
-        ax.scatter(
-            [p["latency_ms"] for p in mine],
-            [p["metric"] for p in mine],
-            marker=MARKERS[i % 8],
-            s=34,
-            color=f"C{i}",
-            label=method,
-            zorder=3,
-        )
-        for p in mine:
-            ax.annotate(
-                p["label"],
-                (p["latency_ms"], p["metric"]),
-                fontsize=7,
-                color=f"C{i}",
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        ax.hlines([p["metric"] for p in mine], [spread[p["candidate"]][0] for p in mine],
+                  [spread[p["candidate"]][1] for p in mine], color=f"C{i}", alpha=0.35, lw=2)  # fmt: skip
+        ax.scatter([p["latency_ms"] for p in mine], [p["metric"] for p in mine], marker=MARKERS[i % 8], s=34,
+                   color=f"C{i}", label=method, zorder=3)  # fmt: skip
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
-    ax.plot(
-        [p["latency_ms"] for p in front],
-        [p["metric"] for p in front],
-        "-",
-        color="0.3",
-        lw=1,
-        label="Pareto front (all methods)",
-        zorder=2,
-    )
+    ax.plot([p["latency_ms"] for p in front], [p["metric"] for p in front], "-", color="0.3", lw=1,
+            label="Pareto front (all methods)", zorder=2)  # fmt: skip
+    floor = reference.get("floor")
+    below = [p for p in points if floor is not None and p["metric"] < floor]
+    if below:
+        ax.scatter([p["latency_ms"] for p in below], [p["metric"] for p in below], marker="x", s=70,
+                   color="0.25", zorder=5, label="below the quality floor")  # fmt: skip
     chosen = [p for p in points if p["selected"]]
     if chosen:
-        ax.scatter(
-            [chosen[0]["latency_ms"]],
-            [chosen[0]["metric"]],
-            marker="*",
-            s=260,
-            color="tab:red",
-            zorder=4,
-            label=f"selected ({chosen[0]['candidate']})",
-        )
+        ax.scatter([chosen[0]["latency_ms"]], [chosen[0]["metric"]], marker="*", s=260, color="tab:red",
+                   zorder=4, label=f"selected ({chosen[0]['candidate']})")  # fmt: skip
+    lines = (("teacher", "tab:green", ":"), ("chance", "0.5", ":"), ("floor", "tab:orange", "--"))
+    names = {"teacher": "teacher", "chance": "majority class / chance", "floor": "quality floor"}
+    for key, color, style in lines:
+        if reference.get(key) is not None:
+            ax.axhline(reference[key], color=color, ls=style, lw=1,
+                       label=f"{names[key]} ({reference[key]:.3f})")  # fmt: skip
     if profile.get("latency_ms") is not None:
-        ax.axvline(
-            profile["latency_ms"],
-            color="tab:red",
-            ls="--",
-            lw=1,
-            label=f"budget ({budget_stat} ≤ {profile['latency_ms']:g} ms)",
-        )
-    ax.set_xlabel("latency per batch, median (ms)")
+        ax.axvline(profile["latency_ms"], color="tab:red", ls="--", lw=1,
+                   label=f"budget ({budget_stat} ≤ {profile['latency_ms']:g} ms)")  # fmt: skip
+    ax.set_xlabel(f"latency per batch, {budget_stat} (ms); bars: median to p90")
     ax.set_ylabel(f"dev {metric_name}")
     ax.set_title(
         f"{profile['name']}: {profile['device']}, {entry.get('threads') or profile['threads']} thread(s), "
@@ -116,8 +132,9 @@ def pareto_plot(entry: dict[str, Any], metric_name: str, path: Path, budget_stat
         fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
+    place_labels(ax, points, colors)  # last: the axes' limits and layout are final
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -239,7 +256,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         if entry.get("export"):
             lines.append(f"Exported to `{entry['export']}`.")
         lines += ["", f"![{p['name']}: dev {metric_name} vs latency]({plot_file(p['name'])})", ""]
-        pareto_plot(entry, metric_name, out_dir / plot_file(p["name"]), stat)
+        pareto_plot(entry, metric_name, out_dir / plot_file(p["name"]), stat, results.get("reference"))
         lines += profile_table(entry, metric_name, stat)
         lines.append("")
         same = equal_layers_table(entry, metric_name)
