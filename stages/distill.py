@@ -25,7 +25,7 @@ import torch
 from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.distributed import device
-from dynaflow.core.plots import grid_heatmap
+from dynaflow.core.plots import curve_records, grid_heatmap, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from dynaflow.evaluation.scoring import load_dev
@@ -191,6 +191,9 @@ def distill(
     student.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
     atomic_write_json(out_dir / "grid.json", results)
+    atomic_write_json(out_dir / "loss_curve.json", curve_records(result.loss_history))
+    bars = [{"sub_network": name, "score": r["score"]} for name, r in results.items()]
+    atomic_write_json(out_dir / GRID_PLOT, bars)
     grid_heatmap(
         {k: r["score"] for k, r in results.items()}, list(grid.widths), list(grid.depths),
         f"DynaBERT{'_W' if phase == 'width' else ''} dev {meta['main_metric']} ({task})",
@@ -226,6 +229,14 @@ def run_phase(ctx: StageContext, phase: str, student: str, teacher: str) -> dict
     )  # fmt: skip
 
 
+GRID_PLOT = "grid_plot.json"  # the grid as records, for `dvc plots`
+
+
+def distill_plots(out: str, title: str) -> dict[str, dict[str, str]]:
+    grid = {"x": "score", "y": "sub_network", "template": "bar_horizontal", "title": f"{title}: dev score"}
+    return loss_plot(f"{out}/loss_curve.json", f"{title}: training loss") | {f"{out}/{GRID_PLOT}": grid}
+
+
 def run_width(ctx: StageContext) -> dict[str, Any]:
     return run_phase(ctx, "width", student="rewire", teacher="teacher")
 
@@ -242,6 +253,7 @@ WIDTH_STAGE = register(
         upstream=("data", "teacher", "rewire", "augment"),
         run=run_width,
         distributed=True,
+        plots=lambda p: distill_plots("artifacts/dynabert_w", "DynaBERT_W"),
         description="DynaBERT_W: width-adaptive distillation from the teacher",
     )
 )
@@ -253,6 +265,7 @@ DEPTH_STAGE = register(
         upstream=("data", "augment", "width_kd"),
         run=run_depth,
         distributed=True,
+        plots=lambda p: distill_plots("artifacts/dynabert", "DynaBERT"),
         description="DynaBERT: width-and-depth distillation, every sub-network of the grid",
     )
 )

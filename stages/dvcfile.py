@@ -47,8 +47,13 @@ def stage_entry(name: str, params: Params) -> dict:
     }
 
 
+def plots_entry(params: Params) -> list[dict[str, dict[str, str]]]:
+    """Every stage's declared plots (training curves, grids, each profile's points) for `dvc plots`."""
+    return [{path: props} for name in STAGES for path, props in STAGES[name].plots(params).items()]
+
+
 def render(params: Params) -> str:
-    body = {"stages": {name: stage_entry(name, params) for name in STAGES}}
+    body = {"stages": {name: stage_entry(name, params) for name in STAGES}, "plots": plots_entry(params)}
     return HEADER + yaml.safe_dump(body, sort_keys=False, width=110)
 
 
@@ -56,9 +61,11 @@ def differences(path: Path, params: Params) -> list[str]:
     """What the file at ``path`` lacks or has too much, per stage and key (empty: in step)."""
     if not path.is_file():
         return [f"{path}: missing"]
-    have = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
-    want = yaml.safe_load(render(params))["stages"]
-    problems = [f"stage {n}: not declared" for n in want if n not in have]
+    declared = yaml.safe_load(path.read_text()) or {}
+    have, want = declared.get("stages", {}), yaml.safe_load(render(params))["stages"]
+    plots_ok = declared.get("plots") == plots_entry(params)
+    problems = [] if plots_ok else ["plots: not the plots the stages declare"]
+    problems += [f"stage {n}: not declared" for n in want if n not in have]
     problems += [f"stage {n}: declared but not registered" for n in have if n not in want]
     for name in (n for n in want if n in have):
         for key, value in want[name].items():
@@ -87,9 +94,19 @@ def record_in_dvc(root: Path, names: list[str], params: Params) -> str:
         return "not a DVC project: dvc.lock not written"
     if differences(root / "dvc.yaml", params):
         return "dvc.yaml is out of step with the stages (run `dynaflow dvc-yaml`): dvc.lock not written"
-    cmd = [sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *names]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    # DVC cannot record a stage one of whose deps is missing: `select` declares every method's
+    # measurement, and the DynaBERT flow builds only its own.
+    missing = {n: [d for d in stage_entry(n, params)["deps"] if not (root / d).exists()] for n in names}
+    ready = [n for n in names if not missing[n]]
+    skipped = "".join(
+        f"; {n} not recorded: dvc.yaml has it read {', '.join(m)}, which this run did not build"
+        for n, m in missing.items() if m
+    )  # fmt: skip
+    if not ready:
+        return f"dvc.lock not updated{skipped}"
+    done = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", *ready], cwd=root,
+                          capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["no message"])[-1]
         return f"`dvc commit` failed ({why}): dvc.lock not updated; `dvc repro` would rebuild these stages"
-    return f"recorded {len(names)} stage(s) in dvc.lock: `dvc status` and `dvc repro` see them up to date"
+    return f"recorded {len(ready)} stage(s) in dvc.lock (`dvc status`, `dvc repro`: up to date){skipped}"

@@ -99,6 +99,8 @@ class Stage:
     # Stages whose outputs it reads when they are present and up to date (selection: every measurement).
     gathers: Callable[[], tuple[str, ...]] = field(default=lambda: ())
     extra_metrics: Callable[[Params], list[str]] = lambda params: []  # more DVC metrics files it writes
+    # DVC plots it writes: path (relative to the project root) -> DVC plot properties (x, y, title, ...).
+    plots: Callable[[Params], dict[str, dict[str, str]]] = lambda params: {}
     # A check of this stage's output that the stages reading it run before they start: why they must
     # not (e.g. a teacher at chance), or None. Its params are a gate, in no cache key.
     gate: Callable[[Params, Layout], str | None] | None = None

@@ -24,6 +24,7 @@ from typing import Any
 from dynaflow.config import Params
 from dynaflow.core.artifacts import atomic_write_json, check_output, staged_output, write_manifest
 from dynaflow.core.tracking import NullTracker
+from dynaflow.data.glue import get_task
 from dynaflow.data.splits import TOKENIZER_DIR, read_task_meta
 from dynaflow.evaluation.candidates import Candidate
 from dynaflow.evaluation.export import export_candidate, label_names, reference_batch
@@ -32,6 +33,7 @@ from dynaflow.evaluation.report import (
     RESULTS_FILE,
     load_results,
     merge_results,
+    plot_points,
     report_key,
     write_report,
 )
@@ -51,6 +53,11 @@ from stages.registry import (
 log = logging.getLogger(__name__)
 
 HW_OUT = "artifacts/evaluation-hw"  # one directory per profile measured by `dynaflow evaluate --profile`
+
+
+def points_file(profile: str) -> str:
+    """A profile's candidates as records (latency, metric, method, ...), for `dvc plots`."""
+    return f"points_{profile}.json"
 
 
 def profile_metrics_file(layout: Layout, profile: str) -> Path:
@@ -230,6 +237,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
     flat, per_profile = selection_metrics(merged, stat)
     for name, summary in per_profile.items():
         atomic_write_json(profile_metrics_file(ctx.layout, name), summary)
+    pair = get_task(ctx.params.data.task).has_text_pair
+    for entry in merged["profiles"]:  # every profile's points for `dvc plots` (none where it was skipped)
+        name = entry["profile"]["name"]
+        points = plot_points(entry, stat) if entry["status"] == "measured" else []
+        atomic_write_json(ctx.out / points_file(name), points)
+        if entry.get("export") and ctx.tracker.run_id:  # shipped: an MLflow model too (Models, registry)
+            from dynaflow.evaluation.mlflow_model import log_exported_model  # MLflow's import is costly
+
+            log_exported_model(ctx.tracker, ctx.out / "exports" / name, name, pair)
     ctx.tracker.log_metrics(flat)  # the tracker keeps the finite numbers
     ctx.tracker.log_artifact(report, "selection")
     for png in sorted(ctx.out.glob("pareto_*.png")):
@@ -249,6 +265,13 @@ STAGE = register(
         flow=None,  # every flow ends with it
         gathers=measurement_stages,
         extra_metrics=lambda params: [f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles],
+        plots=lambda params: {
+            f"artifacts/selection/{points_file(p.name)}": {
+                "x": "latency_ms", "y": "metric", "template": "scatter",
+                "title": f"{p.name}: dev score vs latency {params.evaluate.budget_stat} (ms)",
+            }
+            for p in params.evaluate.profiles
+        },  # fmt: skip
         description="per profile, the best in-budget candidate of every method, above the quality floor",
     )
 )

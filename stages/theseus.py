@@ -22,6 +22,7 @@ from transformers import BertForSequenceClassification
 
 from dynaflow.config import TheseusConfig
 from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.plots import curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
@@ -135,8 +136,9 @@ def compress(
     rates = [(t + 1, *gates_at(t)) for t in range(result.global_step)]
     # Deterministic content only in the artifact (see stages/teacher.py); timings go to metrics/ and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_json(out_dir / "loss_curve.json", result.loss_history)
-    atomic_write_json(out_dir / "replacing_rate.json", [(s, r, sum(g)) for s, r, g in rates])
+    atomic_write_json(out_dir / "loss_curve.json", curve_records(result.loss_history))
+    rate_records = [{"step": s, "replacing_rate": r, "replaced": sum(g)} for s, r, g in rates]
+    atomic_write_json(out_dir / "replacing_rate.json", rate_records)
     for curve in ("loss_curve.json", "replacing_rate.json"):
         tracker.log_artifact(out_dir / curve)
     log.info("theseus: %d-layer successor dev %s (predecessor %s)", modules, metrics.get("score"),
@@ -166,6 +168,9 @@ STAGE = register(
         upstream=("data", "teacher"),
         run=run,
         flow="theseus",
+        plots=lambda p: loss_plot("artifacts/theseus/loss_curve.json", "theseus: training loss")
+        | {"artifacts/theseus/replacing_rate.json": {"x": "step", "y": "replacing_rate", "template": "linear",
+                                                      "title": "theseus: replacing rate"}},  # fmt: skip
         description="BERT-of-Theseus: a successor of L/r layers by progressive module replacing",
     )
 )

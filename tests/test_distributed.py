@@ -240,8 +240,8 @@ def test_teacher_on_two_processes_matches_one_and_writes_once(
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
     curve_a = json.loads((one / "artifacts" / "teacher" / "loss_curve.json").read_text())
     curve_b = json.loads((two / "artifacts" / "teacher" / "loss_curve.json").read_text())
-    assert [s for s, _ in curve_b] == [s for s, _ in curve_a] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([v for _, v in curve_b], [v for _, v in curve_a], rtol=1e-5)
+    assert [r["step"] for r in curve_b] == [r["step"] for r in curve_a] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([r["loss"] for r in curve_b], [r["loss"] for r in curve_a], rtol=1e-5)
 
     # Written once, by rank 0: one output, same cache key as the 1-process run (launch is not in it),
     # no leftovers (staging dirs, checkpoints, the other rank's scratch), one summary.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -40,14 +41,14 @@ def test_dvc_yaml_is_generated_from_the_registry(monkeypatch: pytest.MonkeyPatch
     # A stale file is named: a dep missing and one that is not in the closure.
     stale = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stale["stages"]["teacher"]["deps"].remove("dynaflow/training/loop.py")
-    stale["stages"]["teacher"]["deps"].append("dynaflow/core/plots.py")
+    stale["stages"]["teacher"]["deps"].append("dynaflow/evaluation/report.py")
     path = ROOT / ".pytest_cache" / "dvc.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(stale))
     problems = differences(path, params)
     assert problems == [
         "stage teacher: deps missing dynaflow/training/loop.py",
-        "stage teacher: deps not in its import closure dynaflow/core/plots.py",
+        "stage teacher: deps not in its import closure dynaflow/evaluation/report.py",
     ]
     assert stage_entry("teacher", params)["params"] == ["teacher", "backbone", "seed"]
 
@@ -110,3 +111,11 @@ def test_what_dynaflow_run_built_is_built_for_dvc(project: Path, tmp_path: Path)
     assert "recorded" in done.stdout and "in dvc.lock" in done.stdout, done.stdout
     assert "up to date" in dvc(project, "status")
     assert "Data and pipelines are up to date" in dvc(project, "repro")
+
+    dvc(project, "plots", "show", "-o", str(tmp_path / "plots"))
+    html = (tmp_path / "plots" / "index.html").read_text()
+    declared = yaml.safe_load((project / "dvc.yaml").read_text())["plots"]
+    for plot in declared:  # every declared plot was drawn (a profile skipped here has no points)
+        path, props = next(iter(plot.items()))
+        records = json.loads((project / path).read_text())
+        assert not records or props["title"] in html, path

@@ -647,3 +647,32 @@ def test_plot_labels_do_not_collide() -> None:
     plt.close(fig)
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+def test_an_exported_candidate_is_an_mlflow_model_that_scores_texts(
+    project_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from dynaflow.cli import main
+    from dynaflow.core.tracking import start_run
+    from dynaflow.evaluation.mlflow_model import log_exported_model
+
+    out = tmp_path / "export"
+    params = str(project_root / "params.yaml")
+    assert main(["export", "--params", params, "--width", "0.5", "--depth", "0.5", "--out", str(out)]) == 0
+    store = tmp_path / "mlruns-project"
+    store.mkdir()
+    tracker = start_run(store, "select")
+    uri = log_exported_model(tracker, out, "cpu1")
+    tracker.end()
+    assert uri is not None
+    model = mlflow.pyfunc.load_model(uri)
+    scored = model.predict(pd.DataFrame({"text": ["a charming and funny film", "a dull mess"]}))
+    assert list(scored.columns) == ["label", "score"] and len(scored) == 2
+    assert model.metadata.get_input_schema().input_names() == ["text"]  # signature from the example
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert int(mlflow.register_model(uri, "dynaflow-cpu1").version) == 1  # the registry takes it

@@ -205,7 +205,8 @@ def test_stage_end_to_end(project: Path) -> None:
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
 
     steps_per_epoch = 48 // 8  # tiny SST-2: 48 training examples
-    rates = json.loads((out / "replacing_rate.json").read_text())
+    records = json.loads((out / "replacing_rate.json").read_text())  # one record per step (DVC plots)
+    rates = [(r["step"], r["replacing_rate"], r["replaced"]) for r in records]
     assert [r[0] for r in rates] == list(range(1, 2 * steps_per_epoch + 1))
     assert rates[0][1] == pytest.approx(0.3) and rates[steps_per_epoch - 1][1] < 1.0
     assert all(r[1] == 1.0 and r[2] == 1 for r in rates[steps_per_epoch:])  # successor-only phase

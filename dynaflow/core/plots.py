@@ -39,3 +39,13 @@ def grid_heatmap(scores: dict[str, float], widths: list[float], depths: list[flo
     values = np.array([[scores[f"w{w}_d{d}"] for w in widths] for d in depths])
     heatmap(values, [str(w) for w in widths], [str(d) for d in depths], "width multiplier",
             "depth multiplier", title, path)  # fmt: skip
+
+
+def curve_records(history: list[tuple[int, float]], y: str = "loss") -> list[dict[str, float]]:
+    """A training curve as DVC plots and most plotting tools read it: one record per step."""
+    return [{"step": step, y: value} for step, value in history]
+
+
+def loss_plot(path: str, title: str) -> dict[str, dict[str, str]]:
+    """The DVC plot declaration of a ``curve_records`` file."""
+    return {path: {"x": "step", "y": "loss", "title": title, "template": "linear"}}
