@@ -6,7 +6,7 @@ Starts `mlflow ui` and `prefect server start` on the project's own stores, runs 
 photographs, in a headless Chromium driven by Playwright (`pip install playwright`; a browser from the
 system's packages, e.g. `apt-get install chromium`, since Playwright's own download needs the internet):
 the latest pipeline run in MLflow, the latest flow run in Prefect (its graph and artifacts), and DVC's
-plots page. Nothing here is part of the pipeline; it documents it.
+plots (rendered offline with `pip install vl-convert-python`). Nothing here is part of the pipeline.
 """
 
 from __future__ import annotations
@@ -33,6 +33,26 @@ def wait_for(url: str, seconds: float = 120) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"{url} did not answer within {seconds:.0f} s") from None
             time.sleep(0.5)
+
+
+def dvc_plots_page(project: Path, page: Path) -> None:
+    """What `dvc plots show` draws, on one page that needs no network: DVC's own HTML loads Vega from a
+    CDN, so the same Vega-Lite specs (`dvc plots show --json`) are rendered here with vl-convert."""
+    import json
+
+    import vl_convert
+
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=project,
+                           check=True, capture_output=True, text=True)  # fmt: skip
+    figures = [
+        f"<figure><figcaption>{path}</figcaption>{vl_convert.vegalite_to_svg(plot['content'])}</figure>"
+        for path, plots in json.loads(shown.stdout)["data"].items()
+        for plot in plots
+        if plot.get("type") == "vega"
+    ]
+    page.parent.mkdir(parents=True, exist_ok=True)
+    style = "body{font-family:sans-serif;display:flex;flex-wrap:wrap;gap:12px} figure{margin:4px}"
+    page.write_text(f"<html><head><style>{style}</style></head><body>{''.join(figures)}</body></html>")
 
 
 def latest_mlflow_run(project: Path) -> tuple[str, str]:
@@ -79,8 +99,7 @@ def main() -> None:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),  # fmt: skip
     ]
     try:
-        subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", str(project / "dvc_plots")],
-                       cwd=project, check=True, capture_output=True)  # fmt: skip
+        dvc_plots_page(project, project / "dvc_plots" / "offline.html")
         wait_for("http://127.0.0.1:5055/health")
         wait_for("http://127.0.0.1:4255/api/health")
         experiment, run = latest_mlflow_run(project)
@@ -91,8 +110,8 @@ def main() -> None:
             "mlflow_run.png": f"http://127.0.0.1:5055/#/experiments/{experiment}/runs/{run}?{ML}",
             "mlflow_charts.png": f"http://127.0.0.1:5055/#/experiments/{experiment}/runs/{run}/model-metrics?{ML}",
             "prefect_flow_run.png": f"http://127.0.0.1:4255/runs/flow-run/{flow_run}",
-            "prefect_artifacts.png": f"http://127.0.0.1:4255/runs/flow-run/{flow_run}?tab=Artifacts",
-            "dvc_plots.png": (project / "dvc_plots" / "index.html").as_uri(),
+            "prefect_artifacts.png": f"http://127.0.0.1:4255/runs/flow-run/{flow_run}#Artifacts",
+            "dvc_plots.png": (project / "dvc_plots" / "offline.html").as_uri(),
         }
         from playwright.sync_api import sync_playwright
 
@@ -100,8 +119,11 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=args.browser, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             for name, url in pages.items():
-                page.goto(url, wait_until="load")  # the UIs poll: the network is never idle
+                page.goto(url.removesuffix("#Artifacts"), wait_until="load")  # the UIs poll: never idle
                 time.sleep(8)  # charts and graphs draw after their data arrives
+                if url.endswith("#Artifacts"):  # a tab of the flow run page, chosen by clicking it
+                    page.get_by_text("Artifacts", exact=True).first.click()
+                    time.sleep(3)
                 page.screenshot(path=str(out / name), full_page=name == "dvc_plots.png")
                 print(f"{out / name}: {url}")
             browser.close()

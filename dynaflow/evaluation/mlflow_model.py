@@ -8,6 +8,8 @@ pipeline. Input: a DataFrame with a ``text`` column (and ``text_pair`` for sente
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,11 @@ def log_exported_model(tracker: Any, export_dir: Path, name: str, pair: bool = F
 
     example = pd.DataFrame({"text": [EXAMPLE], **({"text_pair": [EXAMPLE]} if pair else {})})
     mlflow.set_tracking_uri(tracker.client.tracking_uri)
-    with mlflow.start_run(run_id=tracker.run_id):  # MLflow's model logging works on its active run
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its notes on CloudPickle and on type hints are for model authors
+    with warnings.catch_warnings(), mlflow.start_run(run_id=tracker.run_id):  # log_model needs an active run
+        warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=TextClassifier(),
@@ -51,4 +57,5 @@ def log_exported_model(tracker: Any, export_dir: Path, name: str, pair: bool = F
             input_example=example,
             pip_requirements=["torch", "transformers", "pandas"],
         )
+    quiet.setLevel(level)
     return info.model_uri
