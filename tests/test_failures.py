@@ -226,3 +226,26 @@ def test_broken_prefect_database_is_named_before_prefect_starts(
     code, err = run_cli(capsys, "run", "--params", str(project / "params.yaml"), "--no-track")
     assert code == 2 and time.monotonic() - started < 30  # not Prefect's 90 s start-up timeout
     assert_one_message(err, str(home / "prefect.db"), "--reset-prefect-db")
+
+
+def test_missing_task_directory_and_unreachable_hub_are_one_message(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = str(project / "params.yaml")
+    empty = tmp_path / "glue-without-sst2"
+    empty.mkdir()
+    code, err = run_cli(
+        capsys, "stage", "data", "--params", params, "--no-track", "--set", f"data.glue_dir={empty}"
+    )
+    assert code == 2
+    assert_one_message(err, str(empty / "SST-2" / "train.tsv"), "GLUE download layout")
+    # No GLUE directory at all: the hub, which is offline here (HF_HUB_OFFLINE=1, as in the tests).
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
+    code, err = run_cli(
+        capsys, "stage", "data", "--params", params, "--no-track", "--set", "data.glue_dir=null"
+    )
+    assert code == 2
+    assert_one_message(err, "Hugging Face hub", "GLUE_DIR")

@@ -89,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_project(root, names, not args.no_track, prefect=True, reset_prefect=args.reset_prefect_db)
     started = time.perf_counter()
     plan = print_plan(params, root, names)
-    if any(problem is not None for problem in plan.values()) or os.environ.get("PREFECT_API_URL"):
+    anything_to_run = any(problem is not None for problem in plan.values())
+    if anything_to_run or os.environ.get("PREFECT_API_URL"):
         from flows.pipeline import run_flow
 
         results = run_flow(args.flow, params_path=args.params, overrides=args.set, until=args.until,
@@ -98,9 +99,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         results = cached_results(params, root, names)
         print("\neverything is up to date: no stage ran (no Prefect flow run was started)")
     print(f"\npipeline finished in {time.perf_counter() - started:.1f} s")
-    if args.set or args.nproc is not None or args.node_rank is not None:
+    if anything_to_run and args.set:  # --nproc and --node-rank are --set overrides too
         print("dvc.lock not updated: this run's --set overrides are not what params.yaml says")
-    elif any(problem is not None for problem in plan.values()):
+    elif anything_to_run:
         from stages.dvcfile import record_in_dvc
 
         print(record_in_dvc(root, list(results), params))
