@@ -15,6 +15,7 @@ process is gone, however the parent died.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any
@@ -41,8 +42,6 @@ class _GuardedSubprocess:
 
     @staticmethod
     def Popen(args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 (subprocess's name)
-        import os
-
         if list(args[:3]) == [sys.executable, "-m", "uvicorn"]:
             args = [sys.executable, "-c", _WATCHDOG, str(os.getpid()), *args[3:]]
         return subprocess.Popen(args, start_new_session=True, **kwargs)

@@ -25,7 +25,7 @@ import torch
 from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.distributed import device
-from dynaflow.core.plots import curve_records, grid_heatmap, loss_plot
+from dynaflow.core.plots import LOSS_CURVE, curve_records, grid_heatmap, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from dynaflow.evaluation.scoring import load_dev
@@ -191,7 +191,7 @@ def distill(
     student.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
     atomic_write_json(out_dir / "grid.json", results)
-    atomic_write_json(out_dir / "loss_curve.json", curve_records(result.loss_history))
+    atomic_write_json(out_dir / LOSS_CURVE, curve_records(result.loss_history))
     bars = [{"sub_network": name, "score": r["score"]} for name, r in results.items()]
     atomic_write_json(out_dir / GRID_PLOT, bars)
     grid_heatmap(
@@ -232,9 +232,9 @@ def run_phase(ctx: StageContext, phase: str, student: str, teacher: str) -> dict
 GRID_PLOT = "grid_plot.json"  # the grid as records, for `dvc plots`
 
 
-def distill_plots(out: str, title: str) -> dict[str, dict[str, str]]:
+def distill_plots(title: str) -> dict[str, dict[str, str]]:
     grid = {"x": "score", "y": "sub_network", "template": "bar_horizontal", "title": f"{title}: dev score"}
-    return loss_plot(f"{out}/loss_curve.json", f"{title}: training loss") | {f"{out}/{GRID_PLOT}": grid}
+    return loss_plot(f"{title}: training loss") | {GRID_PLOT: grid}
 
 
 def run_width(ctx: StageContext) -> dict[str, Any]:
@@ -253,7 +253,7 @@ WIDTH_STAGE = register(
         upstream=("data", "teacher", "rewire", "augment"),
         run=run_width,
         distributed=True,
-        plots=lambda p: distill_plots("artifacts/dynabert_w", "DynaBERT_W"),
+        plots=lambda p: distill_plots("DynaBERT_W"),
         description="DynaBERT_W: width-adaptive distillation from the teacher",
     )
 )
@@ -265,7 +265,7 @@ DEPTH_STAGE = register(
         upstream=("data", "augment", "width_kd"),
         run=run_depth,
         distributed=True,
-        plots=lambda p: distill_plots("artifacts/dynabert", "DynaBERT"),
+        plots=lambda p: distill_plots("DynaBERT"),
         description="DynaBERT: width-and-depth distillation, every sub-network of the grid",
     )
 )

@@ -49,7 +49,8 @@ def stage_entry(name: str, params: Params) -> dict:
 
 def plots_entry(params: Params) -> list[dict[str, dict[str, str]]]:
     """Every stage's declared plots (training curves, grids, each profile's points) for `dvc plots`."""
-    return [{path: props} for name in STAGES for path, props in STAGES[name].plots(params).items()]
+    declared = ((stage.out, stage.plots(params)) for stage in STAGES.values())
+    return [{f"{out}/{file}": props} for out, plots in declared for file, props in plots.items()]
 
 
 def render(params: Params) -> str:

@@ -52,8 +52,13 @@ class Layout:
     def out(self, stage: str) -> Path:
         return self.root / STAGES[stage].out
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Every stage's metrics file (DVC metrics), beside the outputs."""
+        return self.root / "metrics"
+
     def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
+        return self.metrics_dir / f"{stage}.json"
 
     def work(self, stage: str) -> Path:
         return self.root / ".dynaflow" / "work" / stage
@@ -99,7 +104,7 @@ class Stage:
     # Stages whose outputs it reads when they are present and up to date (selection: every measurement).
     gathers: Callable[[], tuple[str, ...]] = field(default=lambda: ())
     extra_metrics: Callable[[Params], list[str]] = lambda params: []  # more DVC metrics files it writes
-    # DVC plots it writes: path (relative to the project root) -> DVC plot properties (x, y, title, ...).
+    # DVC plots it writes: file (inside its output) -> DVC plot properties (x, y, title, template).
     plots: Callable[[Params], dict[str, dict[str, str]]] = lambda params: {}
     # A check of this stage's output that the stages reading it run before they start: why they must
     # not (e.g. a teacher at chance), or None. Its params are a gate, in no cache key.
@@ -303,7 +308,7 @@ def recover_outputs(layout: Layout) -> list[str]:
     """Clean up after a killed run: temporary outputs and metrics, half-replaced outputs, checkpoint
     temporaries (see :func:`dynaflow.core.artifacts.sweep_leftovers`). Call under the project lock."""
     folders = {layout.out(n).parent for n in STAGES} | {layout.work(n) for n in STAGES}
-    return sweep_leftovers([*folders, layout.metrics("data").parent])
+    return sweep_leftovers([*folders, layout.metrics_dir])
 
 
 def check_writable(names: list[str], layout: Layout) -> None:

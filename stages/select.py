@@ -61,7 +61,7 @@ def points_file(profile: str) -> str:
 
 
 def profile_metrics_file(layout: Layout, profile: str) -> Path:
-    return layout.root / "metrics" / f"eval_{profile}.json"
+    return layout.metrics_dir / f"eval_{profile}.json"
 
 
 def reference_scores(layout: Layout) -> dict[str, float | None]:
@@ -266,7 +266,7 @@ STAGE = register(
         gathers=measurement_stages,
         extra_metrics=lambda params: [f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles],
         plots=lambda params: {
-            f"artifacts/selection/{points_file(p.name)}": {
+            points_file(p.name): {
                 "x": "latency_ms", "y": "metric", "template": "scatter",
                 "title": f"{p.name}: dev score vs latency {params.evaluate.budget_stat} (ms)",
             }

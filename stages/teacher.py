@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dynaflow.config import Params, TeacherConfig, TeacherGateConfig
 from dynaflow.core.artifacts import atomic_write_json
-from dynaflow.core.plots import curve_records, loss_plot
+from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
@@ -113,8 +113,8 @@ def fine_tune(
     # Only deterministic content in the artifact: a re-run with the same inputs then yields the same
     # manifest, and the stages downstream stay cached. Timings go to metrics/teacher.json and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_json(out_dir / "loss_curve.json", curve_records(result.loss_history))
-    tracker.log_artifact(out_dir / "loss_curve.json")
+    atomic_write_json(out_dir / LOSS_CURVE, curve_records(result.loss_history))
+    tracker.log_artifact(out_dir / LOSS_CURVE)
     tracker.log_metrics({f"final.dev.{k}": v for k, v in metrics.items()})
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
 
@@ -135,7 +135,7 @@ STAGE = register(
         upstream=("data",),
         run=run,
         external=lambda p: local_files(p.backbone),
-        plots=lambda p: loss_plot("artifacts/teacher/loss_curve.json", "teacher: training loss"),
+        plots=lambda p: loss_plot("teacher: training loss"),
         distributed=True,
         gate=gate,
         description="fine-tune the backbone on the task: the teacher every method starts from",

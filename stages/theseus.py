@@ -22,7 +22,7 @@ from transformers import BertForSequenceClassification
 
 from dynaflow.config import TheseusConfig
 from dynaflow.core.artifacts import atomic_write_json
-from dynaflow.core.plots import curve_records, loss_plot
+from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
@@ -38,6 +38,7 @@ from dynaflow.training.loop import TrainConfig, fit
 from stages.registry import Stage, StageContext, register
 
 log = logging.getLogger(__name__)
+RATE_CURVE = "replacing_rate.json"  # per step: the replacing rate and how many modules were replaced
 
 
 def make_schedule(cfg: TheseusConfig, steps_per_epoch: int) -> ReplacingSchedule:
@@ -136,10 +137,10 @@ def compress(
     rates = [(t + 1, *gates_at(t)) for t in range(result.global_step)]
     # Deterministic content only in the artifact (see stages/teacher.py); timings go to metrics/ and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)
-    atomic_write_json(out_dir / "loss_curve.json", curve_records(result.loss_history))
+    atomic_write_json(out_dir / LOSS_CURVE, curve_records(result.loss_history))
     rate_records = [{"step": s, "replacing_rate": r, "replaced": sum(g)} for s, r, g in rates]
-    atomic_write_json(out_dir / "replacing_rate.json", rate_records)
-    for curve in ("loss_curve.json", "replacing_rate.json"):
+    atomic_write_json(out_dir / RATE_CURVE, rate_records)
+    for curve in (LOSS_CURVE, RATE_CURVE):
         tracker.log_artifact(out_dir / curve)
     log.info("theseus: %d-layer successor dev %s (predecessor %s)", modules, metrics.get("score"),
              metrics.get("predecessor.score"))  # fmt: skip
@@ -168,9 +169,9 @@ STAGE = register(
         upstream=("data", "teacher"),
         run=run,
         flow="theseus",
-        plots=lambda p: loss_plot("artifacts/theseus/loss_curve.json", "theseus: training loss")
-        | {"artifacts/theseus/replacing_rate.json": {"x": "step", "y": "replacing_rate", "template": "linear",
-                                                      "title": "theseus: replacing rate"}},  # fmt: skip
+        plots=lambda p: loss_plot("theseus: training loss")
+        | {RATE_CURVE: {"x": "step", "y": "replacing_rate", "template": "linear",
+                        "title": "theseus: replacing rate"}},  # fmt: skip
         description="BERT-of-Theseus: a successor of L/r layers by progressive module replacing",
     )
 )

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from dynaflow.cli.env import prepare_project, project_env
@@ -344,11 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
     handlers = {sig: signal.signal(sig, _raise_interrupted) for sig in signals}
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    root = Path(args.params).resolve().parent
+    lock = project_lock(root, wait=not args.no_wait) if getattr(args, "locks", False) else nullcontext()
     try:
-        if getattr(args, "locks", False):
-            with project_lock(Path(args.params).resolve().parent, wait=not args.no_wait):
-                code = args.func(args)
-        else:
+        with lock:
             code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code

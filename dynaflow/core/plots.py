@@ -46,6 +46,9 @@ def curve_records(history: list[tuple[int, float]], y: str = "loss") -> list[dic
     return [{"step": step, y: value} for step, value in history]
 
 
-def loss_plot(path: str, title: str) -> dict[str, dict[str, str]]:
-    """The DVC plot declaration of a ``curve_records`` file."""
-    return {path: {"x": "step", "y": "loss", "title": title, "template": "linear"}}
+LOSS_CURVE = "loss_curve.json"  # a training stage's ``curve_records``, in its output
+
+
+def loss_plot(title: str) -> dict[str, dict[str, str]]:
+    """The DVC plot declaration of a stage's ``LOSS_CURVE``."""
+    return {LOSS_CURVE: {"x": "step", "y": "loss", "title": title, "template": "linear"}}

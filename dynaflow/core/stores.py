@@ -17,13 +17,13 @@ Checks open the databases read-only and run ``PRAGMA quick_check`` (about 0.1 s 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import struct
 import time
 from contextlib import closing
 from pathlib import Path
 
+from dynaflow.core.artifacts import atomic_write_bytes
 from dynaflow.core.errors import DynaflowError
 from dynaflow.core.tracking import EXPERIMENT, sqlite_store_path, tracking_uri
 
@@ -171,9 +171,7 @@ def remember_mlflow_store(root: Path) -> Path | None:
     if str(path) not in known:
         marker = mlflow_marker(root)
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in [*known, str(path)]))
-        tmp.replace(marker)
+        atomic_write_bytes(marker, "".join(f"{line}\n" for line in [*known, str(path)]).encode())
     return path
 
 

@@ -48,14 +48,16 @@ def log_exported_model(tracker: Any, export_dir: Path, name: str, pair: bool = F
     quiet = logging.getLogger("mlflow.pyfunc")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its notes on CloudPickle and on type hints are for model authors
-    with warnings.catch_warnings(), mlflow.start_run(run_id=tracker.run_id):  # log_model needs an active run
-        warnings.simplefilter("ignore", UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=TextClassifier(),
-            artifacts={"model": str(export_dir)},
-            input_example=example,
-            pip_requirements=["torch", "transformers", "pandas"],
-        )
-    quiet.setLevel(level)
+    try:
+        with warnings.catch_warnings(), mlflow.start_run(run_id=tracker.run_id):  # log_model needs one
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=TextClassifier(),
+                artifacts={"model": str(export_dir)},
+                input_example=example,
+                pip_requirements=["torch", "transformers", "pandas"],
+            )
+    finally:
+        quiet.setLevel(level)
     return info.model_uri

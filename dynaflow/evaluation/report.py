@@ -65,20 +65,20 @@ def place_labels(ax: Any, points: Sequence[dict[str, Any]], colors: dict[str, st
     renderer = ax.figure.canvas.get_renderer()
     placed: list[Any] = []
     for p in sorted(points, key=lambda p: (p["latency_ms"], -p["metric"])):
-        for dx, dy, ha in LABEL_SPOTS:
-            text = ax.annotate(p["label"], (p["latency_ms"], p["metric"]), xytext=(dx, dy), ha=ha,
-                               textcoords="offset points", fontsize=7, color=colors[p["method"]])  # fmt: skip
-            box = text.get_window_extent(renderer)
+        for spot in LABEL_SPOTS:
+            box = (text := _label(ax, p, colors[p["method"]], *spot)).get_window_extent(renderer)
             if not any(box.overlaps(other) for other in placed):
                 break
             text.remove()
         else:
-            dx, dy, ha = LABEL_SPOTS[0]
-            text = ax.annotate(p["label"], (p["latency_ms"], p["metric"]), xytext=(dx, dy), ha=ha,
-                               textcoords="offset points", fontsize=7, color=colors[p["method"]])  # fmt: skip
-            box = text.get_window_extent(renderer)
+            box = _label(ax, p, colors[p["method"]], *LABEL_SPOTS[0]).get_window_extent(renderer)
         placed.append(box)
     return placed
+
+
+def _label(ax: Any, p: dict[str, Any], color: str, dx: int, dy: int, ha: str) -> Any:
+    return ax.annotate(p["label"], (p["latency_ms"], p["metric"]), xytext=(dx, dy), ha=ha,
+                       textcoords="offset points", fontsize=7, color=color)  # fmt: skip
 
 
 def pareto_plot(
