@@ -328,6 +328,33 @@ class EvaluateConfig(_Section):
         )
 
 
+class ServeConfig(_Section):
+    """``dynaflow serve``: the elastic server's scheduling (no stage reads it; it is in no cache key)."""
+
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "onnxruntime", description="torch: one elastic model, width/depth per call | onnxruntime: a session "
+        "per sub-network (faster on CPU, bench/serve.py)",
+    )  # fmt: skip
+    threads: int = Field(1, gt=0, description="intra-op threads of the inference worker")
+    policy: str = Field("slo", description="slo | threshold | fixed:<sub-network> (fixed:full = the largest)")
+    slo_ms: float | None = Field(
+        None, gt=0, description="latency target; null = 2 x the full model's p90 at batch 1 (measured here)"
+    )
+    margin_ms: float = Field(
+        2.0, ge=0, description="slo policy: latency outside the server's view (HTTP both ways), kept free"
+    )
+    max_batch: int = Field(32, gt=0, description="requests per dispatched batch, at most")
+    late: Literal["fastest", "shed"] = Field(
+        "fastest", description="a request past its deadline: served by the fastest sub-network, or shed (503)"
+    )
+    max_queue: int = Field(1024, gt=0, description="waiting requests; beyond it requests are refused (503)")
+    replicas: int = Field(
+        1, gt=0, description="1: one process (uvicorn); N > 1: N Ray Serve replicas, each its own scheduler"
+    )
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 exposes the server to the network)")
+    port: int = Field(8000, gt=0, lt=65536)
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0)
     backbone: str = Field(
@@ -345,6 +372,7 @@ class Params(_Section):
     theseus: TheseusConfig = TheseusConfig()
     launch: LaunchConfig = LaunchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
 
     @field_validator("widths", "depths")
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any
 
 from dynaflow.config import Params
 from dynaflow.core.artifacts import atomic_write_json, check_output, staged_output, write_manifest
+from dynaflow.core.errors import DynaflowError
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import get_task
 from dynaflow.data.splits import TOKENIZER_DIR, read_task_meta
@@ -212,10 +213,11 @@ def selection_metrics(merged: dict[str, Any], stat: str) -> tuple[dict[str, Any]
 
 def run(ctx: StageContext) -> dict[str, Any]:
     if not ctx.gathered:
-        raise RuntimeError(
-            "no measured candidates: run a method's measurement stage first ("
+        raise DynaflowError(
+            "no up-to-date measured candidates: run a method's measurement stage first ("
             + ", ".join(measurement_stages())
-            + ")"
+            + "); a measurement made before its code or params changed is stale "
+            "(`dynaflow status` shows which)"
         )
     left_out = [s for s in measurement_stages() if s not in ctx.gathered]
     if left_out:  # not run, or trained/measured with other inputs: their candidates would not be comparable

@@ -17,6 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from dynaflow.config import MEASUREMENT_SECTION, Params, load_params
 from dynaflow.core.artifacts import write_manifest
+from dynaflow.core.errors import DynaflowError
 from dynaflow.data.splits import TOKENIZER_DIR
 from dynaflow.evaluation.candidates import Candidate
 from dynaflow.evaluation.report import load_results
@@ -142,7 +143,7 @@ def test_a_method_registered_in_a_test_is_measured_selected_exported_and_reporte
     retrained = load_params(tmp_path / "params.yaml", ["teacher.learning_rate=0.002"])
     run_stage("teacher", retrained, layout)
     assert gathered("select", retrained, layout) == []
-    with pytest.raises(RuntimeError, match="no measured candidates"):
+    with pytest.raises(DynaflowError, match="no up-to-date measured candidates"):
         run_stage("select", retrained, layout)
 
 

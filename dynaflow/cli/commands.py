@@ -37,6 +37,8 @@ EPILOG = """examples:
   dynaflow report                           # rebuild the evaluation report from stored results
   dynaflow evaluate --profile gpu           # one hardware profile, on the machine that has it
   dynaflow dvc-yaml --check                 # is dvc.yaml in step with the stage registry?
+  dynaflow serve                            # elastic server: sub-network picked per batch for the SLO
+  dynaflow loadtest --trace onoff:0.3c,1.5c,10   # open-loop load test of a running server
 """
 
 
@@ -325,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dynaflow.cli import evaluation  # export, report, evaluate (one hardware profile)
 
     evaluation.add_commands(sub, common)
+    from dynaflow.cli import serving  # serve, loadtest
+
+    serving.add_commands(sub, common)
     return parser
 
 
