@@ -8,6 +8,7 @@ names the key, the value and what is allowed. DVC reads the same file itself for
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -336,7 +337,9 @@ class ServeConfig(_Section):
         "per sub-network (faster on CPU, bench/serve.py)",
     )  # fmt: skip
     threads: int = Field(1, gt=0, description="intra-op threads of the inference worker")
-    policy: str = Field("slo", description="slo | threshold | fixed:<sub-network> (fixed:full = the largest)")
+    policy: str = Field(
+        "slo", description="slo | threshold | fixed:<sub-network> (fixed:full: the largest; fixed:w0.5_d0.75)"
+    )
     slo_ms: float | None = Field(
         None, gt=0, description="latency target; null = 2 x the full model's p90 at batch 1 (measured here)"
     )
@@ -345,7 +348,7 @@ class ServeConfig(_Section):
     )
     max_batch: int = Field(32, gt=0, description="requests per dispatched batch, at most")
     late: Literal["fastest", "shed"] = Field(
-        "fastest", description="a request past its deadline: served by the fastest sub-network, or shed (503)"
+        "fastest", description="a request past its deadline: served by the fastest (slo policy) or shed (503)"
     )
     max_queue: int = Field(1024, gt=0, description="waiting requests; beyond it requests are refused (503)")
     replicas: int = Field(
@@ -353,6 +356,13 @@ class ServeConfig(_Section):
     )
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 exposes the server to the network)")
     port: int = Field(8000, gt=0, lt=65536)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if not re.fullmatch(r"slo|threshold|fixed:(full|w[0-9.]+_d[0-9.]+)", value):
+            raise ValueError("expected slo, threshold, fixed:full or fixed:w<width>_d<depth> (w1.0_d0.5)")
+        return value
 
 
 class Params(_Section):

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynaflow.config import ServeConfig
@@ -130,6 +131,7 @@ def test_concurrent_requests_are_batched_and_their_answers_timed(tokenizer) -> N
         ({"text": "good " * 40}, 422, "tokens; this model takes at most 16"),
         ({"text": ["good"] * (MAX_TEXTS + 1)}, 413, f"at most {MAX_TEXTS}"),
         ({"text": []}, 422, "the list is empty"),
+        ({"text": "good " * 5000}, 413, "field 'text': 25000 characters; at most 10000"),
     ],
 )
 def test_bad_requests_get_a_4xx_naming_the_field(url: str, body: dict, status: int, message: str) -> None:
@@ -140,6 +142,54 @@ def test_bad_requests_get_a_4xx_naming_the_field(url: str, body: dict, status: i
 def test_malformed_json_is_a_422(url: str) -> None:
     r = httpx.post(f"{url}/predict", content=b'{"text": ', headers={"content-type": "application/json"})
     assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+
+
+class FailingActuator(SlowActuator):
+    """Fails every batch holding a text of exactly 4 tokens ([CLS] bad film [SEP])."""
+
+    def __call__(self, subnet: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if (inputs["attention_mask"].sum(axis=1) == 4).any():
+            raise RuntimeError("boom")
+        return super().__call__(subnet, inputs)
+
+
+def test_a_failing_batch_is_a_500_naming_it_and_the_server_keeps_serving(tokenizer) -> None:
+    s = ServeSettings(slo=0.5, max_length=16, labels=("negative", "positive"))
+    engine = Engine(FailingActuator(0.0), tokenizer, PROFILE, make_policy("slo", PROFILE, 0.5, 32), s)
+    with serve(engine) as url:
+        bad = httpx.post(f"{url}/predict", json={"text": "bad film"})
+        assert (
+            bad.status_code == 500 and bad.json()["detail"] == "inference failed: sub-network w1.0_d1.0: boom"
+        )
+        assert httpx.post(f"{url}/predict", json={"text": "good"}).status_code == 200
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+
+
+def test_a_request_that_does_not_fit_the_queue_is_refused_whole(tokenizer) -> None:
+    engine = engine_with(tokenizer, delay=0.2, max_queue=3)
+    with serve(engine) as url:
+
+        async def two() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                first = asyncio.create_task(client.post(f"{url}/predict", json={"text": ["good", "fun"]}))
+                await asyncio.sleep(0.05)  # the first two run; a request of four texts cannot fit 3 - 0
+                second = await client.post(f"{url}/predict", json={"text": ["a", "b", "c", "d"]})
+                return [await first, second]
+
+        first, second = asyncio.run(two())
+    assert first.status_code == 200 and len(first.json()["predictions"]) == 2
+    assert second.status_code == 503 and "queue is full" in second.json()["detail"]
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(engine.metrics.registry).decode())
+    }
+    counts = {
+        s.labels["status"]: s.value
+        for s in families["dynaflow_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert (
+        counts == {"ok": 2.0, "rejected": 4.0} and len(engine.scheduler) == 0
+    )  # counted in texts, none left
 
 
 def test_a_full_queue_answers_503_and_the_server_keeps_serving(tokenizer) -> None:
@@ -157,12 +207,12 @@ def test_a_full_queue_answers_503_and_the_server_keeps_serving(tokenizer) -> Non
 
 
 def test_late_requests_are_shed_with_503(tokenizer) -> None:
-    with serve(engine_with(tokenizer, delay=0.15, slo=0.1, late="shed")) as url:
+    with serve(engine_with(tokenizer, delay=0.3, slo=0.1, late="shed")) as url:
 
         async def two() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=10) as client:
                 first = asyncio.create_task(client.post(f"{url}/predict", json={"text": "fun"}))
-                await asyncio.sleep(0.03)  # arrives while the first batch runs; waits past its 100 ms SLO
+                await asyncio.sleep(0.03)  # arrives while the first batch runs (300 ms): past its 100 ms SLO
                 second = asyncio.create_task(client.post(f"{url}/predict", json={"text": "good"}))
                 return [await first, await second]
 
@@ -273,7 +323,10 @@ def test_serve_and_loadtest_without_a_model_or_server_are_one_message(
     assert_one_message(err, "no trained model", "dynaflow run")
     code, err = run_cli(capsys, "serve", "--params", params, "--policy", "fastest", "--port", "99999")
     assert code == 2
-    assert_one_message(err, "serve.port")
+    assert_one_message(err, "serve.port", "serve.policy = 'fastest': expected slo, threshold, fixed:full")
+    code, err = run_cli(capsys, "loadtest", "--params", params, "--duration", "0", "--no-track")
+    assert code == 2
+    assert_one_message(err, "--duration must be > 0")
     code, err = run_cli(
         capsys, "loadtest", "--params", params, "--url", "http://127.0.0.1:9/predict", "--no-track"
     )

@@ -32,7 +32,11 @@ def test_two_replicas_each_answer_with_their_own_scheduler(
 
     model_dir, data_dir = model_dirs
     cfg, cache = ServeConfig(runtime="torch", replicas=2), tmp_path / "cache"
-    build_engine(model_dir, data_dir, cfg, cache)  # the profile, measured once before the replicas start
+    profile = build_engine(
+        model_dir, data_dir, cfg, cache
+    ).profile  # measured once, before the replicas start
+    profile_file = next(cache.glob("*/profile-torch-t1.json"))
+    measured_at = profile_file.stat().st_mtime_ns
     port = free_port()
     app = replicated(partial(build_app, model_dir, data_dir, cfg, cache), 2, 0.5, cfg.max_queue)
     run_replicated(app, "127.0.0.1", port, cpus=2, blocking=False)
@@ -49,5 +53,7 @@ def test_two_replicas_each_answer_with_their_own_scheduler(
         while len(replicas) < 2 and time.time() < deadline:
             replicas.add(httpx.get(f"{url}/healthz", timeout=30).json()["replica"])
         assert len(replicas) == 2
+        assert profile_file.stat().st_mtime_ns == measured_at  # the replicas reused it
+        assert httpx.get(f"{url}/healthz", timeout=30).json()["front"] == [s.name for s in profile.front()]
     finally:
         shutdown()

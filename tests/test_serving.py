@@ -91,6 +91,16 @@ def test_slo_policy_corrects_predictions_by_observed_latency() -> None:
     assert policy.decide(queue(5), 1.0).subnet == HALF.name
 
 
+def test_an_unused_correction_drifts_back_so_a_sub_network_judged_slow_can_return() -> None:
+    policy = SloAwarePolicy(FRONT, SLO, 32)
+    for _ in range(4):  # a stall: four full-model batches at 3x their prediction
+        policy.observe(FULL.name, 8.68 * MS, 30 * MS)
+    assert policy.decide(queue(0), 1.0).subnet != FULL.name  # 8.7 ms x 2.2 no longer fits 17.4 ms
+    for _ in range(60):  # meanwhile the other sub-networks run as predicted
+        policy.observe(HALF.name, 4 * MS, 4 * MS)
+    assert policy.decide(queue(0), 1.0).subnet == FULL.name
+
+
 def test_threshold_policy_steps_with_hysteresis() -> None:
     assert threshold_step(0, waited=0.6, slo=1.0, up=0.5, down=0.1, levels=3) == 1
     assert threshold_step(2, waited=0.6, slo=1.0, up=0.5, down=0.1, levels=3) == 2  # already fastest
@@ -119,7 +129,7 @@ def test_scheduler_sheds_late_requests_and_refuses_beyond_its_queue() -> None:
     dispatch = sched.next(now=0.0185)  # the first two are past 17.4 ms
     assert dispatch is not None and [q.payload for q in dispatch.shed] == [0, 1]
     assert [q.payload for q in dispatch.batch] == [2] and dispatch.subnet is not None
-    assert sched.next(now=0.021) is None
+    assert len(sched) == 0
 
 
 def test_fit_latency_recovers_a_line_and_reports_its_error() -> None:

@@ -38,6 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     layout = Layout(root)
     model_dir = Path(args.model) if args.model else layout.out("depth_kd")
     cfg, cache = params.serve, root / ".dynaflow" / "serving"
+    if cfg.replicas > 1:
+        from dynaflow.serving.replicas import ray_serve
+
+        ray_serve()  # not installed: say so now, not after a minute of profiling
     # Built here even with replicas: the serving profile is measured once, before any replica starts.
     engine = build_engine(model_dir, layout.out("data"), cfg, cache)
     front = ", ".join(f"{s.name} ({s.score:.3f})" for s in engine.profile.front())
@@ -88,6 +92,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.set)
     root = Path(args.params).resolve().parent
     project_env(root)
+    if args.duration <= 0:
+        raise DynaflowError(f"--duration must be > 0 seconds, got {args.duration:g}")
     info = _server_info(args.url)
     slo = (args.slo_ms or info["slo_ms"]) / 1000
     try:
@@ -113,7 +119,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     tracker.log_artifacts(out)
     tracker.end()
     keys = ("attainment", "effective_accuracy", "served_accuracy", "p50_ms", "p99_ms", "goodput_rps", "shed",
-            "rejected", "mix")  # fmt: skip
+            "rejected", "error", "mix")  # fmt: skip
     shown = {k: summary[k] for k in keys}
     print(json.dumps(shown, indent=2))
     print(f"wrote {out}/summary.json, outcomes.json, timeline.png", file=sys.stderr)

@@ -14,6 +14,7 @@ in one request. Overload never crashes the server: a full queue answers 503 with
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -34,8 +35,10 @@ from dynaflow.serving.policy import Policy
 from dynaflow.serving.profile import ServingProfile
 from dynaflow.serving.scheduler import Dispatch, LatePolicy, Queued, Scheduler
 
+log = logging.getLogger(__name__)
+
 MAX_TEXTS = 256  # texts in one request
-BATCH = "_batch"  # an answer's (batch id, batch size), for the engine only
+BATCH = "_batch"  # an answer's (batch id, texts, requests in the batch), for the engine only
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,16 @@ class Unavailable(Exception):
     """503: the queue is full, or the request's deadline passed while it waited (``late: shed``)."""
 
 
+class InferenceFailed(Exception):
+    """500: running the batch failed; the message names the sub-network and the error."""
+
+
 @dataclass
 class Item:
     input_ids: list[int]
     token_type_ids: list[int]
     future: asyncio.Future[dict[str, Any]]
+    request: int  # which HTTP request it came from (a request may send several texts)
 
 
 def pad_batch(items: Sequence[Item], pad_id: int) -> dict[str, np.ndarray]:
@@ -104,8 +112,10 @@ class Engine:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.pad_id = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+        self.requests = 0  # HTTP requests taken so far: the id of the next one
+        self.max_chars = max(10_000, 100 * settings.max_length)  # no text this long fits max_length tokens
         self.batches = 0  # dispatched so far: the id of the next batch
-        # batch id -> [size, answers sent, slowest answer's delay after the batch ended]
+        # batch id -> [requests in it, requests answered, slowest answer's delay after the batch ended]
         self.answered: dict[int, list[float]] = {}
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -133,8 +143,18 @@ class Engine:
         for n, text in enumerate(texts):
             where = "text" if isinstance(body.text, str) else f"text[{n}]"
             pair = pair_list[n] if pair_list is not None else None
-            if not text.strip() or (pair is not None and not pair.strip()):
-                raise BadRequest(422, f"field '{where}': empty text (or text_pair); send some words")
+            if not text.strip():
+                raise BadRequest(422, f"field '{where}': empty text; send some words")
+            if pair is not None and not pair.strip():
+                raise BadRequest(
+                    422, f"field '{where.replace('text', 'text_pair')}': empty text; send some words"
+                )
+            if (
+                len(text) + len(pair or "") > self.max_chars
+            ):  # before tokenising: a huge text would stall the loop
+                chars = len(text) + len(pair or "")
+                limits = f"at most {self.max_chars} (and {self.settings.max_length} tokens)"
+                raise BadRequest(413, f"field '{where}': {chars} characters; {limits}")
             enc = self.tokenizer(text, pair)
             length = len(enc["input_ids"])
             if length > self.settings.max_length:
@@ -153,24 +173,24 @@ class Engine:
         encoded = self.encode(body)
         loop = asyncio.get_running_loop()
         now = arrival if arrival is not None else time.monotonic()
-        items = [Item(ids, types, loop.create_future()) for ids, types in encoded]
+        self.requests += 1
+        items = [Item(ids, types, loop.create_future(), self.requests) for ids, types in encoded]
+        if len(self.scheduler) + len(items) > self.settings.max_queue:  # all of the request, or none of it
+            self.metrics.requests.labels("rejected").inc(len(items))
+            self.metrics.slo_misses.inc(len(items))
+            raise Unavailable(f"the queue is full ({self.settings.max_queue} texts waiting); retry shortly")
         for item in items:
-            if not self.scheduler.admit(Queued(now, len(item.input_ids), item)):
-                for other in items:  # already-queued parts of this request are answered and dropped
-                    if not other.future.done():
-                        other.future.cancel()
-                self.metrics.requests.labels("rejected").inc()
-                self.metrics.slo_misses.inc()
-                raise Unavailable(f"the queue is full ({self.settings.max_queue} requests); retry shortly")
+            self.scheduler.admit(Queued(now, len(item.input_ids), item))
         self.metrics.queue.set(len(self.scheduler))
         self.wakeup.set()
         return list(await asyncio.gather(*(i.future for i in items)))
 
-    def observe_answer(self, batch: tuple[int, int], seconds: float) -> None:
-        """A request of ``batch`` (id, size) got its last byte sent ``seconds`` after the batch ended; once
-        the batch's answers are all out, the slowest one tells the policy what answering a batch costs."""
-        batch_id, size = batch
-        entry = self.answered.setdefault(batch_id, [size, 0, 0.0])
+    def observe_answer(self, batch: tuple[int, int, int], seconds: float) -> None:
+        """A request in ``batch`` (id, texts, requests) got its last byte sent ``seconds`` after the batch
+        ended; once every request in the batch has answered, the slowest one tells the policy what answering
+        a batch of that many texts costs."""
+        batch_id, size, requests = batch
+        entry = self.answered.setdefault(batch_id, [requests, 0, 0.0])
         entry[1] += 1
         entry[2] = max(entry[2], seconds)
         if entry[1] >= entry[0]:
@@ -185,20 +205,32 @@ class Engine:
             await self.wakeup.wait()
             self.wakeup.clear()
             while len(self.scheduler):
-                dispatch = self.scheduler.next(time.monotonic())
-                if dispatch is None:
-                    break
-                self.metrics.dispatch_overhead.observe(dispatch.decide_seconds)
-                for q in dispatch.shed:
-                    self._fail(
-                        q.payload,
-                        Unavailable("deadline passed while queued; shed (serve.late: shed)"),
-                        "shed",
-                    )
-                batch = [q for q in dispatch.batch if not q.payload.future.done()]
-                if batch:
-                    await self._serve(loop, dispatch, batch)
+                await self._dispatch_next(loop)
                 self.metrics.queue.set(len(self.scheduler))
+
+    async def _dispatch_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One dispatch. Whatever goes wrong fails that batch's requests (500), never the scheduler task:
+        a dead task would leave every later request waiting forever."""
+        dispatch = None
+        try:
+            dispatch = self.scheduler.next(time.monotonic())
+            if dispatch is None:
+                return
+            self.metrics.dispatch_overhead.observe(dispatch.decide_seconds)
+            for q in dispatch.shed:
+                self._fail(
+                    q.payload, Unavailable("deadline passed while queued; shed (serve.late: shed)"), "shed"
+                )
+            batch = [q for q in dispatch.batch if not q.payload.future.done()]
+            if batch:
+                await self._serve(loop, dispatch, batch)
+        except Exception as exc:
+            log.exception("dispatch failed")
+            # The batch that failed, or (when choosing it failed) the oldest request: the next try differs.
+            lost = dispatch.batch if dispatch is not None else [self.scheduler.queue.popleft()]
+            subnet = dispatch.subnet if dispatch is not None else None
+            for q in lost:
+                self._fail(q.payload, InferenceFailed(f"sub-network {subnet}: {exc}"), "error")
 
     async def _serve(
         self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch[Item], batch: list[Queued[Item]]
@@ -206,15 +238,13 @@ class Engine:
         assert dispatch.subnet is not None
         inputs = pad_batch([q.payload for q in batch], self.pad_id)
         start = time.monotonic()
-        try:
-            logits = await loop.run_in_executor(self.worker, self.actuator, dispatch.subnet, inputs)
-        except Exception as exc:  # a failing batch fails its requests, not the server
-            for q in batch:
-                self._fail(q.payload, exc, "error")
-            return
+        logits = await loop.run_in_executor(self.worker, self.actuator, dispatch.subnet, inputs)
+        if len(logits) != len(batch):
+            raise RuntimeError(f"the model answered {len(logits)} rows for a batch of {len(batch)}")
         done = time.monotonic()
         self.scheduler.done(dispatch, done - start)
         self.batches += 1
+        batch_key = (self.batches, len(batch), len({q.payload.request for q in batch}))
         self.metrics.batch_size.observe(len(batch))
         for q, row in zip(batch, logits, strict=True):
             total = done - q.arrival
@@ -231,15 +261,16 @@ class Engine:
                         "batch_size": len(batch),
                         "queue_ms": (start - q.arrival) * 1000,
                         "compute_ms": (done - start) * 1000,
-                        BATCH: (self.batches, len(batch)),  # taken out before the answer is sent
+                        BATCH: batch_key,  # taken out before the answer is sent
                     }  # fmt: skip
                 )
 
     def _fail(self, item: Item, exc: Exception, status: str) -> None:
+        if item.future.done():  # already answered, or its request was refused or went away
+            return
         self.metrics.requests.labels(status).inc()
         self.metrics.slo_misses.inc()
-        if not item.future.done():
-            item.future.set_exception(exc)
+        item.future.set_exception(exc)
 
     def answer(self, logits: np.ndarray) -> dict[str, Any]:
         if not self.settings.labels:  # regression: the score is the prediction
@@ -333,6 +364,10 @@ def create_app(engine: Engine) -> FastAPI:
         engine.metrics.requests.labels("invalid").inc()
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
+    @app.exception_handler(InferenceFailed)
+    async def failed(request: Request, exc: InferenceFailed) -> JSONResponse:
+        return JSONResponse({"detail": f"inference failed: {exc}"}, status_code=500)
+
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
@@ -349,7 +384,9 @@ def create_app(engine: Engine) -> FastAPI:
         return answers[0] if isinstance(body.text, str) else {"predictions": answers}
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
+    async def healthz() -> Any:
+        if engine.task is None or engine.task.done():
+            return JSONResponse({"status": "down", "detail": "the scheduler is not running"}, status_code=503)
         return {
             "status": "ok", "replica": os.getpid(), "policy": engine.policy.name,
             "slo_ms": engine.settings.slo * 1000, "queue": len(engine.scheduler),

@@ -24,6 +24,7 @@ import numpy as np
 from dynaflow.serving.profile import AnswerDelay, ServingProfile, SubnetProfile
 
 POLICY_NAMES = ("slo", "threshold", "fixed:<sub-network>")
+RATIO_RECOVERY = 0.02  # per batch on another sub-network: an unused residual halves in about 35 batches
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,9 @@ def slo_aware_choice(
         behind = now - queue[take].arrival if take < len(queue) else 0.0  # else: it arrives meanwhile
         next_slack = slo - margin - behind - took
         n = min(max_batch, int(np.ceil(left)))
-        nxt = ratio.get(fastest.name, 1.0) * fastest.predict(n, padded_length(queue, take)) + per_answer * n
+        waiting = queue[take : take + n]  # those not yet here: assumed as long as this batch
+        length = max(padded_length(waiting, len(waiting)) if waiting else 0, padded_length(queue, take))
+        nxt = ratio.get(fastest.name, 1.0) * fastest.predict(n, length) + per_answer * n
         return nxt <= next_slack
 
     for s in front:
@@ -176,8 +179,16 @@ class SloAwarePolicy(Policy):
     ) -> None:
         self.front, self.slo, self.max_batch, self.alpha = list(front), slo, max_batch, alpha
         self.margin = margin  # the client's side of HTTP: no server can see it (serve.margin_ms)
-        self.ratio: dict[str, float] = {}
+        # Observed / predicted latency = a machine-wide factor (another process, thermal limits: it holds for
+        # every sub-network) x each sub-network's own residual (its profile's error).
+        self.machine = 1.0
+        self.residual: dict[str, float] = {}
         self.answers = AnswerDelay()
+
+    @property
+    def ratio(self) -> dict[str, float]:
+        """Each sub-network's correction of its predicted latency."""
+        return {s.name: self.machine * self.residual.get(s.name, 1.0) for s in self.front}
 
     def decide(self, queue: Sequence[Waiting], now: float, load: Load | None = None) -> Decision:
         fixed, per_answer = self.answers.fit()
@@ -189,8 +200,14 @@ class SloAwarePolicy(Policy):
         if predicted <= 0:
             return
         sample = min(max(observed / predicted, 0.5), 3.0)
-        old = self.ratio.get(subnet, 1.0)
-        self.ratio[subnet] = (1 - self.alpha) * old + self.alpha * sample
+        own = self.residual.get(subnet, 1.0)
+        self.machine = (1 - self.alpha) * self.machine + self.alpha * sample / own
+        self.residual[subnet] = (1 - self.alpha) * own + self.alpha * sample / self.machine
+        # The other residuals drift back to 1: a sub-network judged slow during a stall would otherwise never
+        # be chosen again, so never be observed again, and never recover.
+        for other, value in self.residual.items():
+            if other != subnet:
+                self.residual[other] = 1 + (value - 1) * (1 - RATIO_RECOVERY)
 
     def observe_answers(self, batch_size: int, seconds: float) -> None:
         self.answers.add(batch_size, seconds)

@@ -56,7 +56,10 @@ def parse_trace(spec: str, duration: float, capacity: float | None = None) -> li
         return [Segment(0.0, duration / 2, low), Segment(duration / 2, duration, high)]
     if shape == "onoff" and len(parts) == 3:
         low, high = (_rate(p, capacity, spec) for p in parts[:2])
-        period = float(parts[2])
+        try:
+            period = float(parts[2])
+        except ValueError:
+            raise ValueError(f"trace {spec!r}: the period '{parts[2]}' is not a number of seconds") from None
         if period <= 0:
             raise ValueError(f"trace {spec!r}: the period must be > 0 seconds")
         segments, t = [], 0.0
