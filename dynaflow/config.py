@@ -344,7 +344,7 @@ class ServeConfig(_Section):
         None, gt=0, description="latency target; null = 2 x the full model's p90 at batch 1 (measured here)"
     )
     margin_ms: float = Field(
-        2.0, ge=0, description="slo policy: latency outside the server's view (HTTP both ways), kept free"
+        4.0, ge=0, description="slo policy: latency outside the server's view (HTTP both ways), kept free"
     )
     max_batch: int = Field(32, gt=0, description="requests per dispatched batch, at most")
     late: Literal["fastest", "shed"] = Field(
