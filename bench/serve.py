@@ -1,7 +1,7 @@
 """Elastic serving under load (issue 17): every fixed Pareto point, the threshold policy and the SLO-aware
 policy, on steady and bursty open-loop traces, server and load generator on separate cores.
 
-    python bench/serve.py PROJECT [--duration 20] [--out bench/serve.json] [--plots bench/]
+    python bench/serve.py PROJECT [--duration 20] [--out bench/serve.json] [--plots bench/serve]
 
 PROJECT: a project where the default pipeline has run (``artifacts/dynabert`` holds the trained DynaBERT).
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per trace")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/serve.json"))
-    parser.add_argument("--plots", type=Path, default=Path("bench"))
+    parser.add_argument("--plots", type=Path, default=Path("bench/serve"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = args.project.resolve()
