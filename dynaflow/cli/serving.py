@@ -70,8 +70,9 @@ def _server_info(url: str) -> dict[str, Any]:
     import httpx
 
     from dynaflow.core.errors import DynaflowError
+    from dynaflow.serving.loadgen import health_url
 
-    health = url.rsplit("/", 1)[0] + "/healthz"
+    health = health_url(url)
     try:
         return httpx.get(health, timeout=10).json()
     except (httpx.HTTPError, ValueError) as exc:

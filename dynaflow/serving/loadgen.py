@@ -25,6 +25,11 @@ class Example:
     label: int | None  # class id; None for regression or unlabelled
 
 
+def health_url(predict_url: str) -> str:
+    """``http://host:port/predict`` -> ``http://host:port/healthz``."""
+    return predict_url.rsplit("/", 1)[0] + "/healthz"
+
+
 def dev_examples(task: str, glue_dir: str | None) -> list[Example]:
     """The task's dev sentences with their labels (GLUE folder, else the hub)."""
     from dynaflow.data.glue import get_task, load_split
@@ -57,15 +62,13 @@ async def _send(session: Any, url: str, example: Example, scheduled: float, star
 async def _run(
     url: str, times: Sequence[float], examples: Sequence[Example], timeout: float
 ) -> list[Outcome]:
-    # aiohttp: about 1 ms less client time per request than httpx's AsyncClient here (bench/serve.py), which
-    # matters when the SLO is 20 ms and the generator has one core.
+    # aiohttp: about 1 ms less client time per request than httpx's AsyncClient here (BENCHMARKS.md, "Elastic
+    # serving"), which matters when the SLO is 17.5 ms and the generator has one core.
     connector = aiohttp.TCPConnector(limit=0)  # no cap: an open-loop generator never waits for a connection
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
     ) as session:
-        async with session.get(
-            url.rsplit("/", 1)[0] + "/healthz"
-        ) as response:  # connect before the clock starts
+        async with session.get(health_url(url)) as response:  # connect before the clock starts
             await response.read()
         start = time.perf_counter() + 0.2
         tasks = [
