@@ -149,10 +149,8 @@ class Engine:
                 raise BadRequest(
                     422, f"field '{where.replace('text', 'text_pair')}': empty text; send some words"
                 )
-            if (
-                len(text) + len(pair or "") > self.max_chars
-            ):  # before tokenising: a huge text would stall the loop
-                chars = len(text) + len(pair or "")
+            chars = len(text) + len(pair or "")
+            if chars > self.max_chars:  # refused before tokenising: a huge text would stall the event loop
                 limits = f"at most {self.max_chars} (and {self.settings.max_length} tokens)"
                 raise BadRequest(413, f"field '{where}': {chars} characters; {limits}")
             enc = self.tokenizer(text, pair)
