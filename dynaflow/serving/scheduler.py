@@ -3,8 +3,8 @@
 One worker serves one batch at a time. Whenever it is free and requests wait, :meth:`Scheduler.next` sheds
 the requests already past their deadline (``late: shed``), asks the policy which sub-network serves how many
 of the oldest, and returns that batch with the policy's predicted latency; :meth:`Scheduler.done` reports the
-observed latency back to the policy. The scheduler never reads a clock: callers pass ``now``, so the same code
-runs on the server's monotonic clock and on the simulator's.
+observed latency back to the policy. The scheduler decides by no clock of its own (it times only its own
+cost): callers pass ``now``, so the same code runs on the server's monotonic clock and on the simulator's.
 """
 
 from __future__ import annotations
