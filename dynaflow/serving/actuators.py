@@ -24,7 +24,6 @@ from dynaflow.models.extract import extract_subnetwork
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnxruntime")
 Inputs = Mapping[str, np.ndarray]  # input_ids, attention_mask, token_type_ids: int64 [batch, length]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynaflow.config import ConfigError, ServeConfig
+from dynaflow.core.artifacts import file_digest
 from dynaflow.core.errors import DynaflowError
 from dynaflow.evaluation.hardware import machine_identity
 from dynaflow.serving.actuators import Actuator, ElasticActuator, OrtActuator, parse_subnet, timing_run
@@ -50,12 +51,17 @@ def grid_scores(model_dir: Path) -> dict[str, float]:
 
 
 def model_digest(model_dir: Path) -> str:
-    """Of the files the profile depends on: the weights, the config and the grid's scores."""
+    """Of the files the profile depends on: the weights, the config and the grid's scores (each file's
+    digest from the project's digest cache, so an unchanged model is not read again)."""
     h = hashlib.sha256()
     for name in sorted(p.name for p in model_dir.iterdir() if p.suffix in (".safetensors", ".json")):
-        h.update(name.encode())
-        h.update((model_dir / name).read_bytes())
+        h.update(f"{name} {file_digest(model_dir / name)}\n".encode())
     return h.hexdigest()[:16]
+
+
+def profile_identity(max_length: int) -> dict[str, Any]:
+    """What a profile was measured on besides the model: this machine, and the longest request."""
+    return {**machine_identity(), "max_length": max_length}
 
 
 def measure_profile(
@@ -69,20 +75,21 @@ def measure_profile(
         base, per_token, error = fit_latency(samples)
         width, depth = parse_subnet(name)
         subnets.append(SubnetProfile(name, width, depth, scores[name], base, per_token, error, p90))
-    identity = {**machine_identity(), "max_length": max_length}
+    identity = profile_identity(max_length)
     return ServingProfile(tuple(subnets), metric, actuator.runtime, threads, identity, source)
 
 
 def load_or_measure_profile(
-    actuator: Actuator, model_dir: Path, cache_dir: Path, metric: str, threads: int, max_length: int
-) -> ServingProfile:
-    scores = grid_scores(model_dir)
-    source = model_digest(model_dir)
+    actuator: Actuator, scores: dict[str, float], source: str, cache_dir: Path, metric: str, threads: int,
+    max_length: int,
+) -> ServingProfile:  # fmt: skip
+    """The profile cached in ``cache_dir`` if it was measured on model ``source`` (its digest) with these
+    sub-networks, on this machine and length; else measured now and cached."""
     path = cache_dir / f"profile-{actuator.runtime}-t{threads}.json"
     if path.is_file():
         try:
             cached = ServingProfile.load(path)
-            same_machine = cached.machine == {**machine_identity(), "max_length": max_length}
+            same_machine = cached.machine == profile_identity(max_length)
             if cached.source == source and same_machine and {s.name for s in cached.subnets} == set(scores):
                 log.info("serving profile from %s", path)
                 return cached
@@ -120,11 +127,11 @@ def build_engine(model_dir: Path, data_dir: Path, cfg: ServeConfig, cache_dir: P
     scores = grid_scores(model_dir)
     model = load_elastic(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    digest_dir = cache_dir / model_digest(model_dir)
+    source = model_digest(model_dir)
+    digest_dir = cache_dir / source
     actuator = make_actuator(model, cfg.runtime, cfg.threads, sorted(scores), digest_dir)
-    profile = load_or_measure_profile(
-        actuator, model_dir, digest_dir, data_meta.get("main_metric", "score"), cfg.threads, max_length
-    )
+    metric = data_meta.get("main_metric", "score")
+    profile = load_or_measure_profile(actuator, scores, source, digest_dir, metric, cfg.threads, max_length)
     slo = cfg.slo_ms / 1000 if cfg.slo_ms else 2 * profile.full.p90_single_s
     try:
         policy = make_policy(cfg.policy, profile, slo, cfg.max_batch, cfg.margin_ms / 1000)

@@ -85,8 +85,10 @@ def slo_aware_choice(
     if slack <= 0:
         return Decision(fastest.name, take)
 
-    def predicted(s: SubnetProfile, n: int) -> float:
-        return ratio.get(s.name, 1.0) * s.predict(n, padded_length(queue, n)) + per_answer * n
+    def predicted(s: SubnetProfile, n: int, length: int | None = None) -> float:
+        """Corrected seconds for ``n`` requests (padded to the ``n`` oldest ones', unless ``length``)."""
+        length = padded_length(queue, n) if length is None else length
+        return ratio.get(s.name, 1.0) * s.predict(n, length) + per_answer * n
 
     def leaves_next_a_chance(took: float) -> bool:
         if load is None:
@@ -98,9 +100,8 @@ def slo_aware_choice(
         next_slack = slo - margin - behind - took
         n = min(max_batch, int(np.ceil(left)))
         waiting = queue[take : take + n]  # those not yet here: assumed as long as this batch
-        length = max(padded_length(waiting, len(waiting)) if waiting else 0, padded_length(queue, take))
-        nxt = ratio.get(fastest.name, 1.0) * fastest.predict(n, length) + per_answer * n
-        return nxt <= next_slack
+        length = max(max((w.length for w in waiting), default=0), padded_length(queue, take))
+        return predicted(fastest, n, length) <= next_slack
 
     for s in front:
         took = predicted(s, take)

@@ -112,12 +112,11 @@ def profile_points(max_length: int) -> tuple[tuple[int, int], ...]:
     return ((1, short), (1, max_length), (4, mid), (8, max_length), (16, short), (32, max_length))
 
 
-PROFILE_POINTS = profile_points(64)
 P90_REPEATS = 100  # calls timed for the p90 of one request (the default SLO is twice the full model's)
 
 
 def time_subnet(
-    run: Callable[[int, int], object], points: Sequence[tuple[int, int]] = PROFILE_POINTS, repeats: int = 10
+    run: Callable[[int, int], object], points: Sequence[tuple[int, int]], repeats: int = 10
 ) -> tuple[list[tuple[int, int, float]], float]:
     """Median seconds of ``run(batch, length)`` at each point (after an untimed call), and the p90 of the
     batch-1 point at the longest length."""
