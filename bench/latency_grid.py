@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from common import run_and_report
 
-from dynaflow.evaluation.hardware import ForeignLoad, cpu_name
+from dynaflow.evaluation.hardware import ForeignLoad
+from dynaflow.evaluation.machine import cpu_name
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 from dynaflow.models.extract import count_parameters, extract_subnetwork, subnetwork_flops
 

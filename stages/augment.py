@@ -158,6 +158,7 @@ STAGE = register(
         sections=("augment", "seed"),
         upstream=("data", "teacher"),
         run=run,
+        headline=lambda m: {"examples": m["examples_out"], "seconds": m["seconds"]},
         description="the distillation training set: the originals, plus augmented variants when enabled",
     )
 )

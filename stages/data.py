@@ -144,6 +144,7 @@ STAGE = register(
         upstream=(),
         run=run,
         external=external_inputs,
+        headline=lambda m: {"examples": m["examples.train"], "chance": m["chance_score"]},
         description="GLUE task -> tokenised Parquet splits, task.json (metrics, chance score), tokenizer",
     )
 )

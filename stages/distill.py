@@ -17,31 +17,24 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.core.artifacts import atomic_write_json
-from dynaflow.core.distributed import device
 from dynaflow.core.plots import LOSS_CURVE, curve_records, grid_heatmap, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
-from dynaflow.evaluation.scoring import load_dev
-from dynaflow.methods.dynabert.distill import (
-    DistillStep,
-    SubnetGrid,
-    SubnetSampler,
-    TeacherCache,
-    make_label_step,
-    pad_lengths,
-)
-from dynaflow.methods.dynabert.grid import evaluate_grid
-from dynaflow.models.backbone import load_elastic
-from dynaflow.training import precision
-from dynaflow.training.loop import TrainConfig, fit
-from stages.registry import Stage, StageContext, register
+from stages.registry import Stage, StageContext, extremes, register
+
+# The training machinery (torch, transformers) is imported inside the functions that use it, as in every
+# stage module: `dynaflow status` imports them all to read the declarations and must stay fast.
+if TYPE_CHECKING:
+    import torch
+
+    from dynaflow.methods.dynabert.distill import SubnetGrid, TeacherCache
+    from dynaflow.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +51,10 @@ def build_teacher_cache(
     teacher: torch.nn.Module, train: TokenizedSplit, grid: SubnetGrid, teacher_width: str, cfg: TrainConfig
 ) -> TeacherCache:
     """The teacher's outputs for every training example, once, at every width the step will ask for."""
+    from dynaflow.core.distributed import device
+    from dynaflow.methods.dynabert.distill import TeacherCache, pad_lengths
+    from dynaflow.training import precision
+
     started = time.perf_counter()
     widths = [1.0] if teacher_width == "full" else list(grid.widths)
     lengths = pad_lengths(train, cfg.batch_size, cfg.seed, cfg.epochs)
@@ -86,6 +83,9 @@ def final_finetune(
     A short phase: the section's batch size, learning rate and clipping, but no warm-up, weight decay or
     mid-epoch checkpoints.
     """
+    from dynaflow.methods.dynabert.distill import make_label_step
+    from dynaflow.training.loop import TrainConfig, fit
+
     finetune_cfg = TrainConfig.from_section(
         cfg, seed, epochs=epochs, warmup_ratio=0.0, weight_decay=0.0, checkpoint_steps=0
     )
@@ -114,6 +114,15 @@ def distill(
 ) -> dict[str, Any]:
     if phase not in ("width", "depth"):
         raise ValueError(f"phase must be 'width' or 'depth', got {phase!r}")
+    import torch
+
+    from dynaflow.core.distributed import device
+    from dynaflow.evaluation.scoring import load_dev
+    from dynaflow.methods.dynabert.distill import DistillStep, SubnetGrid, SubnetSampler
+    from dynaflow.methods.dynabert.grid import evaluate_grid
+    from dynaflow.models.backbone import load_elastic
+    from dynaflow.training.loop import TrainConfig, fit
+
     meta = read_task_meta(data_dir)
     task, regression = meta["task"], meta["is_regression"]
     train = load_split(train_dir, "train")
@@ -237,6 +246,12 @@ def distill_plots(title: str) -> dict[str, dict[str, str]]:
     return loss_plot(f"{title}: training loss") | {GRID_PLOT: grid}
 
 
+def grid_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The grid's best and worst dev score, the training examples and seconds."""
+    scores = [v for k, v in metrics.items() if k.startswith("dev.") and k.endswith(".score")]
+    return extremes(scores) | {"examples": metrics["train_examples"], "seconds": metrics["train_seconds"]}
+
+
 def run_width(ctx: StageContext) -> dict[str, Any]:
     return run_phase(ctx, "width", student="rewire", teacher="teacher")
 
@@ -254,6 +269,7 @@ WIDTH_STAGE = register(
         run=run_width,
         distributed=True,
         plots=lambda p: distill_plots("DynaBERT_W"),
+        headline=grid_headline,
         description="DynaBERT_W: width-adaptive distillation from the teacher",
     )
 )
@@ -266,6 +282,7 @@ DEPTH_STAGE = register(
         run=run_depth,
         distributed=True,
         plots=lambda p: distill_plots("DynaBERT"),
+        headline=grid_headline,
         description="DynaBERT: width-and-depth distillation, every sub-network of the grid",
     )
 )

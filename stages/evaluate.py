@@ -11,20 +11,23 @@ from typing import Any
 
 from dynaflow.config import MEASUREMENT_SECTION, Params
 from dynaflow.evaluation.candidates import Candidate
-from dynaflow.methods.dynabert import candidates as dynabert
-from dynaflow.models.backbone import load_elastic
-from stages.measure import measure_candidates, this_machine
+from dynaflow.methods.dynabert import METHOD
+from stages.measure import measure_candidates, measurement_headline, this_machine
 from stages.registry import Layout, Stage, StageContext, register
 
 
 def candidates(params: Params, layout: Layout) -> list[Candidate]:
+    # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
+    from dynaflow.methods.dynabert import candidates as dynabert
+    from dynaflow.models.backbone import load_elastic
+
     model = load_elastic(layout.out("depth_kd")).eval()
     return dynabert.grid(model, params.widths, params.depths)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     found = candidates(ctx.params, ctx.layout)
-    return measure_candidates(ctx, dynabert.METHOD, ctx.upstream("depth_kd"), found)
+    return measure_candidates(ctx, METHOD, ctx.upstream("depth_kd"), found)
 
 
 STAGE = register(
@@ -36,6 +39,7 @@ STAGE = register(
         run=run,
         external=this_machine,
         candidates=candidates,
+        headline=measurement_headline,
         description="DynaBERT's grid points, extracted, measured on every hardware profile",
     )
 )

@@ -12,23 +12,24 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynaflow.config import EvaluateConfig, HardwareProfile, Params
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.data.splits import read_task_meta
-from dynaflow.evaluation import hardware
-from dynaflow.evaluation.candidates import Candidate
-from dynaflow.evaluation.export import reference_batch
-from dynaflow.evaluation.harness import flat_metrics, measure, results_document
+from dynaflow.evaluation import machine
 from dynaflow.evaluation.report import RESULTS_FILE, write_report
-from dynaflow.evaluation.scoring import load_dev
-from stages.registry import StageContext
+from stages.registry import StageContext, extremes
+
+# The harness (torch, ONNX Runtime) is imported where it is used: every stage module is imported to read
+# the declarations (`dynaflow status`), and that must stay fast.
+if TYPE_CHECKING:
+    from dynaflow.evaluation.candidates import Candidate
 
 
 def this_machine(params: Params) -> list[Path]:
     """A measurement stage's external input: latency belongs to this machine, another one re-runs it."""
-    return [hardware.machine_file()]
+    return [machine.machine_file()]
 
 
 def measure_into(
@@ -42,6 +43,10 @@ def measure_into(
     out_dir: Path,
 ) -> dict[str, Any]:
     """Measure ``candidates`` on ``profiles`` into ``out_dir/results.json``; return the results document."""
+    from dynaflow.evaluation.export import reference_batch
+    from dynaflow.evaluation.harness import measure, results_document
+    from dynaflow.evaluation.scoring import load_dev
+
     meta = read_task_meta(data_dir)
     dev = load_dev(data_dir, meta["dev_splits"])
     with tempfile.TemporaryDirectory(prefix=f"dynaflow-measure-{method}-") as work:
@@ -55,15 +60,24 @@ def measure_into(
         meta["main_metric"],
         {method: source_name},
         cfg,
-        hardware.machine_info(),
+        machine.machine_info(),
         entries,
     )
     atomic_write_json(Path(out_dir) / RESULTS_FILE, results)
     return results
 
 
+def measurement_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A measurement stage's row of `dvc metrics show`: its candidates and their best and worst dev score."""
+    return {"candidates": metrics["candidates"]} | extremes(
+        [v for k, v in metrics.items() if k.startswith("dev.")]
+    )
+
+
 def measure_candidates(ctx: StageContext, method: str, source: Path, candidates: Sequence[Candidate]) -> dict:
     """The body of a method's measurement stage; returns the stage's flat metrics."""
+    from dynaflow.evaluation.harness import flat_metrics
+
     cfg = ctx.params.evaluate
     results = measure_into(
         candidates, method, source, ctx.upstream("data"), cfg.profiles, cfg, ctx.layout.root, ctx.out

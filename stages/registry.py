@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from dynaflow.config import ConfigError, Params
-from dynaflow.core import distributed as ddp
 from dynaflow.core.artifacts import (
     atomic_write_json,
     check_output,
@@ -58,7 +57,12 @@ class Layout:
         return self.root / "metrics"
 
     def metrics(self, stage: str) -> Path:
+        """The stage's metrics in full (what MLflow and Prefect show)."""
         return self.metrics_dir / f"{stage}.json"
+
+    def headline(self, name: str) -> Path:
+        """A few numbers of the stage (see Stage.headline): the DVC metrics, one row of `dvc metrics show`."""
+        return self.metrics_dir / "headline" / f"{name}.json"
 
     def work(self, stage: str) -> Path:
         return self.root / ".dynaflow" / "work" / stage
@@ -103,6 +107,9 @@ class Stage:
     candidates: Callable[[Params, Layout], list[Any]] | None = None
     # Stages whose outputs it reads when they are present and up to date (selection: every measurement).
     gathers: Callable[[], tuple[str, ...]] = field(default=lambda: ())
+    # Its row of `dvc metrics show`, from its metrics: a handful of keys from HEADLINE_KEYS, so that every
+    # stage's row fits one terminal-wide table (the full metrics stay in metrics/<stage>.json).
+    headline: Callable[[dict[str, Any]], dict[str, Any]] = lambda metrics: {}
     extra_metrics: Callable[[Params], list[str]] = lambda params: []  # more DVC metrics files it writes
     # DVC plots it writes: file (inside its output) -> DVC plot properties (x, y, title, template).
     plots: Callable[[Params], dict[str, dict[str, str]]] = lambda params: {}
@@ -118,6 +125,24 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {}
+
+# The columns of `dvc metrics show`, shared by every stage's headline (a key of one stage only would widen
+# the table by a column for every row): training examples, the chance score, the best and worst dev score
+# (one model: its score), training seconds, candidates measured, and a profile's selection and its latency.
+HEADLINE_KEYS = ("examples", "chance", "score", "worst", "seconds", "candidates", "selected", "latency_ms")
+
+
+def extremes(scores: list[float]) -> dict[str, float]:
+    """The best and the worst of a family's dev scores, as headline keys (nothing for an empty family)."""
+    return {"score": max(scores), "worst": min(scores)} if scores else {}
+
+
+def rounded(headline: dict[str, Any]) -> dict[str, Any]:
+    """Headline values as a person reads them (4 significant decimals), keys checked against HEADLINE_KEYS."""
+    unknown = sorted(set(headline) - set(HEADLINE_KEYS))
+    if unknown:
+        raise ValueError(f"headline keys {unknown} are not among {HEADLINE_KEYS}")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in headline.items()}
 
 
 def register(stage: Stage) -> Stage:
@@ -336,6 +361,8 @@ def run_stage(
     manifest and records to ``tracker``; the other ranks work in a throw-away directory. All return once
     rank 0's output is complete.
     """
+    from dynaflow.core import distributed as ddp  # torch: imported when a stage runs, not to read status
+
     check_upstream(name, layout, params)
     key, found = _key_and_gathered(name, params, layout)
     out = layout.out(name)
@@ -350,8 +377,10 @@ def run_stage(
     tracker.set_tags({"stage": name, "cache_key": key, "output": out})
     with staged_output(out) as tmp:
         metrics = stage.run(StageContext(name, params, layout, tmp, key, tracker, found))
+        headline = rounded(stage.headline(metrics))  # a bad headline fails before the output is published
         write_manifest(tmp, key, {"stage": name, "metrics": metrics})
     atomic_write_json(layout.metrics(name), metrics)
+    atomic_write_json(layout.headline(name), headline)
     shutil.rmtree(layout.work(name), ignore_errors=True)
     tracker.log_artifact(layout.metrics(name))
     ddp.barrier()

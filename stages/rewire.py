@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+import numpy as np
 
 from dynaflow.config import RewireConfig
 from dynaflow.core.plots import heatmap
@@ -28,11 +27,10 @@ from dynaflow.data.splits import (
     num_batches,
     read_task_meta,
 )
-from dynaflow.evaluation.scoring import load_dev
-from dynaflow.methods.dynabert.grid import evaluate_grid
-from dynaflow.methods.dynabert.importance import compute_importance, rewire_
-from dynaflow.models.backbone import load_elastic
-from stages.registry import Stage, StageContext, register
+from stages.registry import Stage, StageContext, extremes, register
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ def importance_split(data_dir: Path, cfg: RewireConfig, dev_splits: list[str]) -
         else TokenizedSplit(
             [x for p in parts for x in p.input_ids],
             [x for p in parts for x in p.token_type_ids],
-            torch.cat([torch.as_tensor(p.labels) for p in parts]).numpy(),
+            np.concatenate([p.labels for p in parts]),
         )
     )
     return split if cfg.max_examples is None else split.subset(range(min(cfg.max_examples, len(split))))
@@ -60,6 +58,8 @@ def grid_scores(
     widths: list[float],
     depths: list[float],
 ) -> dict[str, float]:
+    from dynaflow.methods.dynabert.grid import evaluate_grid
+
     return {k: m["score"] for k, m in evaluate_grid(model, task, dev, widths, depths).items()}
 
 
@@ -72,6 +72,14 @@ def rewire_teacher(
     out_dir: Path,
     tracker: NullTracker,
 ) -> dict[str, Any]:
+    # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
+    import torch
+    from safetensors.torch import save_file
+
+    from dynaflow.evaluation.scoring import load_dev
+    from dynaflow.methods.dynabert.importance import compute_importance, rewire_
+    from dynaflow.models.backbone import load_elastic
+
     meta = read_task_meta(data_dir)
     model = load_elastic(teacher_dir)
     split = importance_split(data_dir, cfg, meta["dev_splits"])
@@ -132,6 +140,8 @@ STAGE = register(
         sections=("rewire", "widths", "depths"),
         upstream=("data", "teacher"),
         run=run,
+        # the sliced, rewired teacher before any training: the floor distillation must beat
+        headline=lambda m: extremes([v for k, v in m.items() if k.startswith("floor_rewired.")]),
         description="DynaBERT: head and neuron importance, teacher reordered most important first",
     )
 )

@@ -28,7 +28,6 @@ from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import get_task
 from dynaflow.data.splits import TOKENIZER_DIR, read_task_meta
 from dynaflow.evaluation.candidates import Candidate
-from dynaflow.evaluation.export import export_candidate, label_names, reference_batch
 from dynaflow.evaluation.report import (
     REPORT_FILE,
     RESULTS_FILE,
@@ -48,6 +47,7 @@ from stages.registry import (
     check_upstream,
     measurement_stages,
     register,
+    rounded,
     stage_key,
 )
 
@@ -63,6 +63,25 @@ def points_file(profile: str) -> str:
 
 def profile_metrics_file(layout: Layout, profile: str) -> Path:
     return layout.metrics_dir / f"eval_{profile}.json"
+
+
+def profile_headline_file(layout: Layout, profile: str) -> Path:
+    """A profile's row of `dvc metrics show`: what ships, its dev score and latency, among how many."""
+    return layout.headline(f"select_{profile}")
+
+
+def profile_headline(summary: dict[str, Any], metric_name: str, stat: str) -> dict[str, Any]:
+    if summary["status"] != "measured":
+        return {"selected": "skipped here"}
+    chosen = summary.get("selected")
+    if not chosen:
+        return {"selected": "none", "candidates": summary["candidates"]}
+    return {
+        "selected": f"{chosen['method']}/{chosen['candidate']}",
+        "score": chosen[metric_name],
+        "latency_ms": chosen[f"latency_{stat}_ms"],
+        "candidates": summary["candidates"],
+    }
 
 
 def reference_scores(layout: Layout) -> dict[str, float | None]:
@@ -111,6 +130,9 @@ def select_and_export(
     find: CandidateIndex,
 ) -> dict[str, Any]:
     """Select per measured profile (budget and quality floor) and export the winners into ``out_dir``."""
+    # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
+    from dynaflow.evaluation.export import export_candidate, label_names, reference_batch
+
     cfg = params.evaluate
     data_dir = layout.out("data")
     meta = read_task_meta(data_dir)
@@ -237,8 +259,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     report = write_report(merged, ctx.out)
     stat = ctx.params.evaluate.budget_stat
     flat, per_profile = selection_metrics(merged, stat)
+    metric_name = merged.get("main_metric", "score")
     for name, summary in per_profile.items():
         atomic_write_json(profile_metrics_file(ctx.layout, name), summary)
+        headline = rounded(profile_headline(summary, metric_name, stat))
+        atomic_write_json(profile_headline_file(ctx.layout, name), headline)
     pair = get_task(ctx.params.data.task).has_text_pair
     for entry in merged["profiles"]:  # every profile's points for `dvc plots` (none where it was skipped)
         name = entry["profile"]["name"]
@@ -266,7 +291,11 @@ STAGE = register(
         run=run,
         flow=None,  # every flow ends with it
         gathers=measurement_stages,
-        extra_metrics=lambda params: [f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles],
+        headline=lambda m: {"candidates": max(v for k, v in m.items() if k.endswith(".candidates"))},
+        # one row per profile (Layout(Path()): the paths relative to the project, as dvc.yaml has them)
+        extra_metrics=lambda params: [
+            profile_headline_file(Layout(Path()), p.name).as_posix() for p in params.evaluate.profiles
+        ],
         plots=lambda params: {
             points_file(p.name): {
                 "x": "latency_ms", "y": "metric", "template": "scatter",

@@ -10,25 +10,25 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from dynaflow.config import Params, TeacherConfig, TeacherGateConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
-from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
-from dynaflow.models.backbone import load_classifier, local_files
-from dynaflow.training.loop import TrainConfig, fit
+from dynaflow.models.backbone import local_files
 from stages.registry import Layout, Stage, StageContext, register
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
+    import torch.nn.functional as F
+
     if is_regression:
         return F.mse_loss(logits.squeeze(-1), labels.float())
     return F.cross_entropy(logits, labels)
@@ -68,6 +68,13 @@ def fine_tune(
     on_step: Any = None,
     gate_cfg: TeacherGateConfig | None = None,
 ) -> dict[str, Any]:
+    # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
+    import torch
+
+    from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+    from dynaflow.models.backbone import load_classifier
+    from dynaflow.training.loop import TrainConfig, fit
+
     gate_cfg = gate_cfg or TeacherGateConfig()
     meta = read_task_meta(data_dir)
     train = load_split(data_dir, "train")
@@ -138,6 +145,7 @@ STAGE = register(
         plots=lambda p: loss_plot("teacher: training loss"),
         distributed=True,
         gate=gate,
+        headline=lambda m: {"score": m["score"], "seconds": m["train_seconds"]},
         description="fine-tune the backbone on the task: the teacher every method starts from",
     )
 )

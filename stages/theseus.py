@@ -14,28 +14,21 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from transformers import BertForSequenceClassification
+from typing import TYPE_CHECKING, Any
 
 from dynaflow.config import TheseusConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
-from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
-from dynaflow.methods.theseus.model import (
-    ReplacingSchedule,
-    build_theseus,
-    check_divides,
-    draw_gates,
-    export_successor,
-    theseus_encoder,
-)
-from dynaflow.training.loop import TrainConfig, fit
 from stages.registry import Stage, StageContext, register
+
+# torch and transformers are imported where they are used, as in every stage module: `dynaflow status`
+# imports them all to read the declarations and must stay fast.
+if TYPE_CHECKING:
+    import torch
+
+    from dynaflow.methods.theseus.model import ReplacingSchedule
 
 log = logging.getLogger(__name__)
 RATE_CURVE = "replacing_rate.json"  # per step: the replacing rate and how many modules were replaced
@@ -43,6 +36,8 @@ RATE_CURVE = "replacing_rate.json"  # per step: the replacing rate and how many 
 
 def make_schedule(cfg: TheseusConfig, steps_per_epoch: int) -> ReplacingSchedule:
     """The configured scheduler; ``k: null`` makes the linear rate reach 1 when the replacing phase ends."""
+    from dynaflow.methods.theseus.model import ReplacingSchedule
+
     end = steps_per_epoch * cfg.epochs
     k = cfg.k if cfg.k is not None else (1 - cfg.replacing_rate) / end
     if cfg.scheduler == "constant":
@@ -61,6 +56,20 @@ def compress(
     tracker: NullTracker,
     on_step: Any = None,
 ) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+    from transformers import BertForSequenceClassification
+
+    from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+    from dynaflow.methods.theseus.model import (
+        build_theseus,
+        check_divides,
+        draw_gates,
+        export_successor,
+        theseus_encoder,
+    )
+    from dynaflow.training.loop import TrainConfig, fit
+
     meta = read_task_meta(data_dir)
     train = load_split(data_dir, "train")
     dev = load_dev(data_dir, meta["dev_splits"])
@@ -172,6 +181,7 @@ STAGE = register(
         plots=lambda p: loss_plot("theseus: training loss")
         | {RATE_CURVE: {"x": "step", "y": "replacing_rate", "template": "linear",
                         "title": "theseus: replacing rate"}},  # fmt: skip
+        headline=lambda m: {"score": m["score"], "seconds": m["train_seconds"]},
         description="BERT-of-Theseus: a successor of L/r layers by progressive module replacing",
     )
 )

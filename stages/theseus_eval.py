@@ -10,19 +10,20 @@ from typing import Any
 
 from dynaflow.config import MEASUREMENT_SECTION, Params
 from dynaflow.evaluation.candidates import Candidate
-from dynaflow.methods.theseus import candidates as theseus
-from stages.measure import measure_candidates, this_machine
+from dynaflow.methods.theseus import METHOD
+from stages.measure import measure_candidates, measurement_headline, this_machine
 from stages.registry import Layout, Stage, StageContext, register
 
 
 def candidates(params: Params, layout: Layout) -> list[Candidate]:
+    # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
+    from dynaflow.methods.theseus import candidates as theseus
+
     return [theseus.successor(layout.out("theseus"))]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    return measure_candidates(
-        ctx, theseus.METHOD, ctx.upstream("theseus"), candidates(ctx.params, ctx.layout)
-    )
+    return measure_candidates(ctx, METHOD, ctx.upstream("theseus"), candidates(ctx.params, ctx.layout))
 
 
 STAGE = register(
@@ -35,6 +36,7 @@ STAGE = register(
         external=this_machine,
         flow="theseus",
         candidates=candidates,
+        headline=measurement_headline,
         description="the Theseus successor measured on every hardware profile",
     )
 )

@@ -26,7 +26,7 @@ def test_dvc_yaml_is_generated_from_the_registry(monkeypatch: pytest.MonkeyPatch
     params = load_params(ROOT / "params.yaml")
     assert differences(ROOT / "dvc.yaml", params) == [], "run `dynaflow dvc-yaml`"
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert list(declared) == list(STAGES)
+    assert list(declared) == [*STAGES, "report"]  # the merged report is a DVC stage too
     for name, stage in STAGES.items():
         code = {f"{m.replace('.', '/')}.py" for m in code_modules(name)}
         code = {c if (ROOT / c).is_file() else c.removesuffix(".py") + "/__init__.py" for c in code}
@@ -34,9 +34,18 @@ def test_dvc_yaml_is_generated_from_the_registry(monkeypatch: pytest.MonkeyPatch
         assert set(declared[name]["deps"]) == code | outs, name
         assert declared[name]["cmd"] == f"dynaflow stage {name}"
         assert declared[name]["outs"] == [{stage.out: {"persist": True}}]  # dvc repro must not delete it
+    # `dvc metrics show`: a headline per stage, and one per profile for the selection
     assert [next(iter(m)) for m in declared["select"]["metrics"]] == [
-        "metrics/select.json", *(f"metrics/eval_{p.name}.json" for p in params.evaluate.profiles)
+        "metrics/headline/select.json",
+        *(f"metrics/headline/select_{p.name}.json" for p in params.evaluate.profiles),
     ]
+    report = declared["report"]
+    assert report["cmd"] == "dynaflow report" and report["outs"] == [
+        {"reports/evaluation": {"persist": True}}
+    ]
+    # it reads the selection, through the selection's code
+    select_code = {d for d in declared["select"]["deps"] if d.endswith(".py")}
+    assert set(report["deps"]) == {STAGES["select"].out} | select_code
 
     # A stale file is named: a dep missing and one that is not in the closure.
     stale = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -79,6 +88,7 @@ def test_dvc_repro_reruns_only_what_changed(
 
     first = dvc(project, "repro")
     assert "Running stage 'data'" in first and "Running stage 'teacher'" in first
+    assert "Running stage 'report'" in first and (project / "reports/evaluation/report.md").is_file()
     assert "Data and pipelines are up to date" in dvc(project, "repro")
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -91,8 +101,12 @@ def test_dvc_repro_reruns_only_what_changed(
     stale = dvc(project, "status")
     assert "rewire:" in stale and "data:" not in stale and "teacher:" not in stale, stale
 
+    # one row per stage (and per profile), a few shared columns: the table fits a terminal
     shown = dvc(project, "metrics", "show")
-    assert "metrics/teacher.json" in shown and "metrics/data.json" in shown
+    rows = shown.strip().splitlines()
+    assert "metrics/headline/teacher.json" in shown and "metrics/headline/select_cpu1.json" in shown
+    assert len(rows) == 1 + len(STAGES) + len(params["evaluate"]["profiles"]), shown
+    assert max(map(len, rows)) <= 160, shown
 
 
 @pytest.mark.slow

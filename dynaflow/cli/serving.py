@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from functools import partial
 
-    from dynaflow.evaluation.hardware import available_cpus
+    from dynaflow.evaluation.machine import available_cpus
     from dynaflow.serving.build import build_app
     from dynaflow.serving.replicas import replicated, run_replicated
 

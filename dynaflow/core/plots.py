@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the Agg backend, imported on first use: stage declarations import this
+    module, and `dynaflow status` must not pay for matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def heatmap(values: np.ndarray, xlabels: list[str], ylabels: list[str], xlabel: str, ylabel: str, title: str,
             path: Path, annotate: bool = True) -> None:  # fmt: skip
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 0.6 * len(xlabels), 1.2 + 0.5 * len(ylabels)))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(xlabels)), xlabels)

@@ -9,15 +9,17 @@ exactly the batches it already trained on.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 TASK_FILE = "task.json"
 TOKENIZER_DIR = "tokenizer"
@@ -70,26 +72,31 @@ def read_task_meta(data_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def pad(
+    input_ids: Sequence[np.ndarray], token_type_ids: Sequence[np.ndarray], pad_id: int = 0, length: int = 0
+) -> dict[str, np.ndarray]:
+    """Token rows padded to the longest (or to ``length``, if that is longer), with their attention mask:
+    int64 arrays, the inputs of every BERT here (training, ONNX Runtime, the server)."""
+    longest = max(length, *(len(row) for row in input_ids))
+    ids = np.full((len(input_ids), longest), pad_id, dtype=np.int64)
+    types = np.zeros((len(input_ids), longest), dtype=np.int64)
+    mask = np.zeros((len(input_ids), longest), dtype=np.int64)
+    for row, (tokens, segments) in enumerate(zip(input_ids, token_type_ids, strict=True)):
+        n = len(tokens)
+        ids[row, :n], types[row, :n], mask[row, :n] = tokens, segments, 1
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
 def collate(
     split: TokenizedSplit, indices: list[int] | np.ndarray, pad_id: int = 0, length: int = 0
 ) -> dict[str, torch.Tensor]:
     """Pad a batch to its own longest example (or to ``length``, if that is longer)."""
-    longest = max(length, *(len(split.input_ids[i]) for i in indices))
-    input_ids = torch.full((len(indices), longest), pad_id, dtype=torch.long)
-    token_type_ids = torch.zeros((len(indices), longest), dtype=torch.long)
-    attention_mask = torch.zeros((len(indices), longest), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(split.input_ids[i])
-        input_ids[row, :n] = torch.from_numpy(split.input_ids[i])
-        token_type_ids[row, :n] = torch.from_numpy(split.token_type_ids[i])
-        attention_mask[row, :n] = 1
-    labels = torch.as_tensor(split.labels[np.asarray(indices)])
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": token_type_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-    }
+    import torch  # imported here: reading splits and task metadata must not cost torch's import
+
+    rows = [split.input_ids[i] for i in indices], [split.token_type_ids[i] for i in indices]
+    batch = pad(*rows, pad_id, length)
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    return tensors | {"labels": torch.as_tensor(split.labels[np.asarray(indices)])}
 
 
 def batch_order(n: int, batch_size: int, shuffle: bool, seed: int, epoch: int) -> list[np.ndarray]:

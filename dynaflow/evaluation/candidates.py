@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-Batch = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # torch is imported where models are built: listing candidates must stay cheap
+    import torch
+
+Batch = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def counted_flops(model: torch.nn.Module, vocab_size: int, seq_len: int) -> floa
     Fused attention kernels (scaled_dot_product_attention on CPU) are not counted by it: methods whose
     models have attention give an analytic ``Candidate.flops`` instead.
     """
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     ids = torch.randint(1, vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))

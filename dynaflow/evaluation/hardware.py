@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import os
-import platform
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from dynaflow.config import HardwareProfile
+from dynaflow.evaluation.machine import available_cpus
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 MiB = 1024 * 1024
@@ -43,26 +42,8 @@ MiB = 1024 * 1024
 # This machine
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), which is what ``threads: all`` means."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def resolve_threads(profile: HardwareProfile) -> int:
     return available_cpus() if profile.threads == "all" else int(profile.threads)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def _ort_providers() -> list[str] | None:
@@ -88,51 +69,6 @@ def unavailable(profile: HardwareProfile) -> str | None:
     if profile.threads != "all" and int(profile.threads) > cpus:
         return f"needs {profile.threads} threads, but this process may use {cpus} CPU(s)"
     return None
-
-
-def machine_info() -> dict[str, Any]:
-    """What the measurements ran on (stored with every result and shown in the report)."""
-    info: dict[str, Any] = {
-        "host": platform.node(),
-        "cpu": cpu_name(),
-        "cpus": available_cpus(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        info["onnxruntime"] = None
-    return info
-
-
-def machine_identity() -> dict[str, Any]:
-    """The parts of :func:`machine_info` that change measured latency (not the host name or load)."""
-    info = machine_info()
-    return {k: info[k] for k in ("cpu", "cpus", "torch", "cuda", "onnxruntime")}
-
-
-def machine_file() -> Path:
-    """A file whose content is this machine's identity (hashed into the evaluate stage's cache key).
-
-    Evaluation results belong to the hardware they were measured on: on another machine (another CPU, core
-    count, GPU or runtime version) the file's content differs and the stage runs again.
-    """
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dynaflow"
-    path = base / "machine.json"
-    text = json.dumps(machine_identity(), indent=2, sort_keys=True) + "\n"
-    with contextlib.suppress(OSError):
-        if not path.is_file() or path.read_text() != text:
-            from dynaflow.core.artifacts import atomic_write_bytes
-
-            atomic_write_bytes(path, text.encode())
-    return path
 
 
 def _cpu_busy_seconds() -> float | None:

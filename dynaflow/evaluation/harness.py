@@ -27,12 +27,12 @@ from dynaflow.data.splits import TokenizedSplit
 from dynaflow.evaluation import hardware
 from dynaflow.evaluation.candidates import Batch, Candidate, counted_flops
 from dynaflow.evaluation.export import check_close, export_onnx, model_logits, onnx_logits
+from dynaflow.evaluation.machine import BUSY_CORES, machine_info
 from dynaflow.evaluation.scoring import evaluate, hf_logits
 from dynaflow.evaluation.selection import fits
 
 log = logging.getLogger(__name__)
 
-BUSY_CORES = 0.25  # warn when other processes used more cores than this during a measurement
 MEMORY_METHOD = (
     "what building the model (weights copied, or the ONNX Runtime session created) and running one batch "
     "adds to the process's peak resident memory (Linux VmHWM; CUDA: torch.cuda.max_memory_allocated)"
@@ -291,4 +291,4 @@ def measure(
     onnx = any(p.runtime == "onnxruntime" for p in measured)
     prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx=onnx, check_batch=check_batch)
     vocab_size = prepared[0].model.config.vocab_size
-    return measure_entries(profiles, notes, prepared, cfg, vocab_size, hardware.machine_info())
+    return measure_entries(profiles, notes, prepared, cfg, vocab_size, machine_info())

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.stats import rankdata
 
 from dynaflow.data.glue import TaskSpec, get_task
 
@@ -72,6 +71,8 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rho = Pearson on average ranks (ties share their mean rank, as scipy.stats.spearmanr)."""
+    from scipy.stats import rankdata  # imported here: scipy costs half a second at start-up
+
     return pearson(rankdata(x).astype(np.float64), rankdata(y).astype(np.float64))
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from dynaflow.core import plots
 from dynaflow.core.artifacts import atomic_file, atomic_write_bytes, file_digest
-from dynaflow.core.plots import plt
+from dynaflow.core.plots import pyplot
 from dynaflow.evaluation import selection
-from dynaflow.evaluation.harness import BUSY_CORES
+from dynaflow.evaluation.machine import BUSY_CORES
 from dynaflow.evaluation.selection import latency_key, pareto_front
 
 RESULTS_FILE = "results.json"
@@ -91,6 +91,7 @@ def pareto_plot(
     """Dev metric against the latency statistic the budget applies to, a marker per method (a faint bar
     from the median to the p90), the front (all methods) joined by a line; the teacher, the chance score
     and the quality floor as horizontal lines, candidates below the floor crossed out."""
+    plt = pyplot()
     points = plot_points(entry, budget_stat)
     spread = {r["candidate"]: (r["latency_median_ms"], r["latency_p90_ms"]) for r in entry.get("rows") or []}
     profile, reference = entry["profile"], reference or {}

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
+from dynaflow.data.splits import pad
 from dynaflow.serving.actuators import Actuator
 from dynaflow.serving.metrics import ServerMetrics
 from dynaflow.serving.policy import Policy
@@ -78,17 +79,6 @@ class Item:
     token_type_ids: list[int]
     future: asyncio.Future[dict[str, Any]]
     request: int  # which HTTP request it came from (a request may send several texts)
-
-
-def pad_batch(items: Sequence[Item], pad_id: int) -> dict[str, np.ndarray]:
-    longest = max(len(i.input_ids) for i in items)
-    ids = np.full((len(items), longest), pad_id, dtype=np.int64)
-    types = np.zeros((len(items), longest), dtype=np.int64)
-    mask = np.zeros((len(items), longest), dtype=np.int64)
-    for row, item in enumerate(items):
-        n = len(item.input_ids)
-        ids[row, :n], types[row, :n], mask[row, :n] = item.input_ids, item.token_type_ids, 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
 class Engine:
@@ -234,7 +224,8 @@ class Engine:
         self, loop: asyncio.AbstractEventLoop, dispatch: Dispatch[Item], batch: list[Queued[Item]]
     ) -> None:
         assert dispatch.subnet is not None
-        inputs = pad_batch([q.payload for q in batch], self.pad_id)
+        items = [q.payload for q in batch]
+        inputs = pad([i.input_ids for i in items], [i.token_type_ids for i in items], self.pad_id)
         start = time.monotonic()
         logits = await loop.run_in_executor(self.worker, self.actuator, dispatch.subnet, inputs)
         if len(logits) != len(batch):

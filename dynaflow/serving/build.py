@@ -17,7 +17,7 @@ from typing import Any
 from dynaflow.config import ConfigError, ServeConfig
 from dynaflow.core.artifacts import file_digest
 from dynaflow.core.errors import DynaflowError
-from dynaflow.evaluation.hardware import machine_identity
+from dynaflow.evaluation.machine import machine_identity
 from dynaflow.serving.actuators import Actuator, ElasticActuator, OrtActuator, parse_subnet, timing_run
 from dynaflow.serving.app import Engine, ServeSettings
 from dynaflow.serving.policy import make_policy

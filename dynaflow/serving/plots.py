@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 
 from dynaflow.core.artifacts import atomic_file
-from dynaflow.core.plots import plt
+from dynaflow.core.plots import pyplot
 from dynaflow.serving.outcomes import Outcome, mix_over_time
+
+plt = pyplot()
 
 
 def _save(fig: Any, path: Path) -> None:

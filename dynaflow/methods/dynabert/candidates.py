@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from dynaflow.evaluation.candidates import Batch, Candidate
+from dynaflow.methods.dynabert import METHOD
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 from dynaflow.models.extract import extract_subnetwork, subnetwork_flops
 
-METHOD = "dynabert"
 REMOTE_CODE = "modeling_elastic_bert.py"
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 from transformers import BertConfig, BertForSequenceClassification
 
 from dynaflow.evaluation.candidates import Candidate
+from dynaflow.methods.theseus import METHOD
 from dynaflow.models.extract import subnetwork_flops
-
-METHOD = "theseus"
 
 
 def successor(model_dir: Path) -> Candidate:
