@@ -374,7 +374,8 @@ def run_stage(
         return summary(name, layout, key)
     tracker = tracker or NullTracker()
     tracker.log_params({s: _dump(params.section(s)) for s in stage.sections})
-    tracker.set_tags({"stage": name, "cache_key": key, "output": out})
+    # the output relative to the project: the record stays true when the project moves
+    tracker.set_tags({"stage": name, "cache_key": key, "output": stage.out})
     with staged_output(out) as tmp:
         metrics = stage.run(StageContext(name, params, layout, tmp, key, tracker, found))
         headline = rounded(stage.headline(metrics))  # a bad headline fails before the output is published

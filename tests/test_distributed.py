@@ -248,7 +248,8 @@ def test_teacher_on_two_processes_matches_one_and_writes_once(
     key = read_manifest(one / "artifacts" / "teacher")["cache_key"]
     assert check_output(two / "artifacts" / "teacher", key) is None
     assert sorted(p.name for p in (two / "artifacts").iterdir()) == ["teacher"]
-    assert sorted(p.name for p in (two / "metrics").iterdir()) == ["teacher.json"]
+    written = sorted(p.relative_to(two / "metrics").as_posix() for p in (two / "metrics").rglob("*.json"))
+    assert written == ["headline/teacher.json", "teacher.json"]
     assert not (two / ".dynaflow" / "work" / "teacher").exists()
     assert not list((tmp_path / "scratch").glob("dynaflow-*"))  # rank 1's throw-away output is gone
     assert done.stdout.count('"stage": "teacher"') == 1

@@ -109,12 +109,19 @@ def test_dvc_repro_reruns_only_what_changed(
     assert max(map(len, rows)) <= 160, shown
 
 
+def git(project: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=project, check=True,
+                   capture_output=True)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_what_dynaflow_run_built_is_built_for_dvc(project: Path, tmp_path: Path) -> None:
-    shutil.copy(ROOT / "dvc.yaml", project)
+    for file in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / file, project)
     for package in ("stages", "dynaflow"):  # the code dvc.yaml's deps name
         shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
-    dvc(project, "init", "--no-scm", "-q")
+    git(project, "init", "-q")
+    dvc(project, "init", "-q")
     dvc(project, "config", "cache.type", "reflink,hardlink,copy")  # as the repository's .dvc/config
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     done = subprocess.run(
@@ -133,3 +140,11 @@ def test_what_dynaflow_run_built_is_built_for_dvc(project: Path, tmp_path: Path)
         path, props = next(iter(plot.items()))
         records = json.loads((project / path).read_text())
         assert not records or props["title"] in html, path
+
+    # A DVC experiment on what `dynaflow run` built, committed as DVC wants it (dvc.lock in git): a
+    # selection param re-runs the measurements and the selection, not the training.
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", "built by dynaflow run")
+    ran = dvc(project, "exp", "run", "--set-param", "evaluate.max_metric_drop=0.5")
+    assert "Running stage 'select'" in ran and "Running stage 'teacher'" not in ran, ran
+    assert "max_metric_drop: 0.5" in (project / "params.yaml").read_text()

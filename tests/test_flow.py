@@ -85,17 +85,19 @@ def test_cache_rules(project: Path, tiny_glue: Path, tracking: str) -> None:
     assert len({r.info.run_name for r in parents}) == 2  # two sets of params ran: default, lr 0.002
     assert "teacher/acc" in max(parents, key=lambda r: r.info.start_time).data.metrics
     assert "loss_curve.json" in {a.path for a in client.list_artifacts(latest.info.run_id)}
-    prefect_records(everything)
+    prefect_records(everything, project)
 
 
-def prefect_records(everything: list[str]) -> None:
-    """The last flow run's graph has each stage's real inputs only; its artifacts hold metrics and grids."""
+def prefect_records(everything: list[str], project: Path) -> None:
+    """The last flow run's graph has each stage's real inputs only; its task runs are named after their
+    stage and cache key; its artifacts hold metrics and grids."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from stages.registry import inputs_of_declared
+    from dynaflow.core.artifacts import read_manifest
+    from stages.registry import Layout, inputs_of_declared
 
     async def read() -> tuple[list, list]:
         async with get_client() as client:
@@ -106,9 +108,11 @@ def prefect_records(everything: list[str]) -> None:
             )
 
     task_runs, artifacts = asyncio.run(read())
-    by_id = {t.id: t.name.rsplit("-", 1)[0] for t in task_runs}
+    by_id = {t.id: t.name.split()[0] for t in task_runs}
     for t in task_runs:
-        stage = t.name.rsplit("-", 1)[0]
+        stage, short = t.name.split()
+        assert short == read_manifest(Layout(project).out(stage))["cache_key"][:12], t.name
+        assert f"cache_key:{short}" in t.tags
         upstream = {by_id[i.id] for inputs in t.task_inputs.values() for i in inputs if i.id in by_id}
         assert upstream == {u for u in inputs_of_declared(stage) if u in everything}, stage
     keys = {a.key for a in artifacts}

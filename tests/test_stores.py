@@ -238,3 +238,34 @@ def test_close_stale_runs_kills_running_runs_once(project: Path) -> None:
 def test_close_stale_runs_without_store_is_zero(tmp_path: Path) -> None:
     assert close_stale_runs(tmp_path) == 0
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_moved_project_finds_its_mlflow_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from dynaflow.core.stores import relocate_mlflow_store
+    from dynaflow.core.tracking import EXPERIMENT, tracking_uri
+
+    before, after = tmp_path / "before", tmp_path / "moved here"  # a space: URIs quote it, paths do not
+    before.mkdir()
+    (before / "curve.json").write_text("[]")
+    tracker = start_run(before, "x")
+    tracker.log_artifact(before / "curve.json")
+    tracker.end()
+    assert relocate_mlflow_store(before) is None  # not moved: nothing to do
+    before.rename(after)
+
+    assert relocate_mlflow_store(after) == before
+    client = MlflowClient(tracking_uri=tracking_uri(after))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (after / "mlartifacts").as_uri()
+    run = client.get_run(tracker.run_id)
+    assert run.info.artifact_uri.startswith((after / "mlartifacts").as_uri() + "/")
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["curve.json"]
+    assert relocate_mlflow_store(after) is None  # done once
+
+    # a store the user named is theirs: it did not move with the project
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{after / 'mlflow.db'}")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert relocate_mlflow_store(other) is None

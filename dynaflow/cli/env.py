@@ -33,8 +33,8 @@ def prepare_project(
 
     - put back or remove what a killed run left (temporary outputs, a half-replaced output);
     - fail now, not after training, if an output folder cannot be written;
-    - check the MLflow store (and Prefect's database, for a flow run) and close the MLflow runs that a dead
-      process left RUNNING.
+    - check the MLflow store (and Prefect's database, for a flow run), point its artifact locations here if
+      the project moved, and close the MLflow runs that a dead process left RUNNING.
     """
     from dynaflow.core import stores
     from stages import Layout
@@ -46,6 +46,12 @@ def prepare_project(
     check_writable(names, layout)
     if track:
         stores.check_mlflow_store(root)
+        moved_from = stores.relocate_mlflow_store(root)
+        if moved_from:
+            print(
+                f"the project moved from {moved_from}: its MLflow artifact locations now point here",
+                file=sys.stderr,
+            )
         closed = stores.close_stale_runs(root)
         if closed:
             print(f"marked {closed} MLflow run(s) KILLED: left RUNNING by a run that died", file=sys.stderr)

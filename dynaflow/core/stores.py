@@ -17,11 +17,13 @@ Checks open the databases read-only and run ``PRAGMA quick_check`` (about 0.1 s 
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import struct
 import time
 from contextlib import closing
 from pathlib import Path
+from urllib.parse import unquote
 
 from dynaflow.core.artifacts import atomic_write_bytes
 from dynaflow.core.errors import DynaflowError
@@ -287,3 +289,56 @@ def close_stale_runs(root: Path) -> int:
     for run_id in stale:
         client.set_terminated(run_id, status="KILLED")  # end_time: now
     return len(stale)
+
+
+_EXPERIMENT_LOCATION = "SELECT artifact_location FROM experiments WHERE name = ?"
+# ?1 the new prefix, ?3 the old one with its slash, ?2 the length of ?3: the old prefix becomes the new one
+_REPLACE_PREFIX = (
+    "UPDATE {table} SET {column} = ?1 || substr({column}, ?2) WHERE substr({column}, 1, ?2) = ?3"
+)
+# Where MLflow's SQLite store keeps absolute artifact locations (MLflow makes every local one absolute).
+_LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_mlflow_store(root: Path) -> Path | None:
+    """After the project moved, point the artifact locations its MLflow store holds at the new place; return
+    the old project root (None: nothing to do).
+
+    MLflow stores local artifact locations as absolute paths, so a moved or copied project would open with
+    every artifact missing. The default store (``<root>/mlflow.db``) and its artifacts
+    (``<root>/mlartifacts``) move with the project; the ``dynaflow`` experiment's location says where the
+    project was, and every location under that root is rewritten to the same place under this one. A store
+    named by ``MLFLOW_TRACKING_URI`` is the user's, not moved with the project, and is left alone. Call
+    while holding the project lock.
+    """
+    path = Path(root).resolve() / "mlflow.db"
+    if sqlite_store_path(root) != path or not path.is_file() or path.stat().st_size == 0:
+        return None
+    here = (path.parent / "mlartifacts").as_uri()
+    old_root = "an older place"
+    try:
+        with closing(sqlite3.connect(path, timeout=5)) as db, db:  # one transaction: all rewritten, or none
+            found = db.execute(_EXPERIMENT_LOCATION, (EXPERIMENT,)).fetchone()
+            if found is None or found[0] == here or not str(found[0]).endswith("/mlartifacts"):
+                return None
+            old_root, new_root = str(found[0]).removesuffix("/mlartifacts"), path.parent.as_uri()
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            # file: URIs, and the plain paths MLflow keeps for its Default experiment
+            prefixes = ((old_root, new_root), (unquote(old_root[len("file://") :]), str(path.parent)))
+            for (table, column), (old, new) in itertools.product(_LOCATIONS, prefixes):
+                if table in tables:
+                    db.execute(
+                        _REPLACE_PREFIX.format(table=table, column=column), (new, len(old) + 1, old + "/")
+                    )
+    except sqlite3.Error as exc:
+        raise StoreError(
+            f"{path}: the project moved from {old_root}, and the MLflow artifact locations could not be "
+            f"rewritten ({exc}); the MLflow UI shows the artifacts missing until they are",
+            path,
+        ) from None
+    return Path(unquote(old_root[len("file://") :]))
