@@ -111,6 +111,15 @@ def dependency(state: State) -> State:
     return state.model_copy(update={"data": object()})
 
 
+def headline_metrics(layout: Layout, names: list[str], profiles: list[str]) -> dict[str, float]:
+    """The pipeline run's metrics: each stage's headline (and each profile's selection), as
+    ``<stage>/<key>``: MLflow groups charts by the part before the slash, and a few charts per stage are
+    what a person compares across runs. Every metric of a stage is on that stage's nested run."""
+    rows = names + ([f"select_{p}" for p in profiles] if "select" in names else [])
+    found = {n: json.loads(layout.headline(n).read_text()) for n in rows if layout.headline(n).is_file()}
+    return {f"{n}/{k}": v for n, h in found.items() for k, v in h.items() if isinstance(v, int | float)}
+
+
 def params_digest(dumped: dict[str, Any]) -> str:
     """A short name for a set of params (MLflow run names tell runs with other params apart by it)."""
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
@@ -253,8 +262,8 @@ def pipeline(
     except BaseException:
         parent.end("FAILED")
         raise
-    # "stage/metric": MLflow's charts group by the part before the slash.
-    parent.log_metrics({f"{n}/{k}": v for n, r in results.items() for k, v in r["metrics"].items()})
+    profiles = [p.name for p in params.evaluate.profiles]
+    parent.log_metrics(headline_metrics(layout, list(results), profiles))
     if "select" in results:  # the selection with the profiles measured on other machines merged in
         report, note = rebuild_report(layout.root)
         logger.info("%s: %s", note, report)

@@ -329,6 +329,14 @@ def check_upstream(name: str, layout: Layout, params: Params | None = None) -> N
             raise UpstreamRefused(f"stage {name!r} will not start: {why}")
 
 
+def fill_headlines(layout: Layout, names: list[str]) -> None:
+    """An empty headline for each of ``names`` that has none (a stage of another flow, not run here): DVC
+    declares every stage's headline, and warns about each missing one on every `dvc metrics show`."""
+    for name in names:
+        if not layout.headline(name).is_file():
+            atomic_write_json(layout.headline(name), {})
+
+
 def recover_outputs(layout: Layout) -> list[str]:
     """Clean up after a killed run: temporary outputs and metrics, half-replaced outputs, checkpoint
     temporaries (see :func:`dynaflow.core.artifacts.sweep_leftovers`). Call under the project lock."""

@@ -77,7 +77,7 @@ def profile_headline(summary: dict[str, Any], metric_name: str, stat: str) -> di
     if not chosen:
         return {"selected": "none", "candidates": summary["candidates"]}
     return {
-        "selected": f"{chosen['method']}/{chosen['candidate']}",
+        "selected": chosen["candidate"],  # method/name
         "score": chosen[metric_name],
         "latency_ms": chosen[f"latency_{stat}_ms"],
         "candidates": summary["candidates"],

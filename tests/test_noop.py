@@ -28,6 +28,11 @@ def test_a_run_with_nothing_to_do_starts_no_flow(
     code = main(["run", "--params", str(project / "params.yaml"), "--until", "data", "--no-track"])
     out = capsys.readouterr().out
     assert code == 0 and "everything is up to date" in out and "data         cached" in out
+    # every stage DVC declares has a headline (`dvc metrics show` warns about a missing one): empty for
+    # the stages that did not run
+    layout = Layout(project)
+    assert json.loads(layout.headline("data").read_text())["examples"] > 0
+    assert json.loads(layout.headline("theseus").read_text()) == {}
 
 
 HEAVY = ("torch", "transformers", "matplotlib", "scipy", "onnxruntime", "prefect", "mlflow")

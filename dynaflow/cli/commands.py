@@ -108,6 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from stages.dvcfile import record_in_dvc
 
         print(record_in_dvc(root, list(results), params))
+    from stages.registry import STAGES, Layout, fill_headlines
+
+    fill_headlines(Layout(root), list(STAGES))
     for name, result in results.items():
         print(f"  {name:<12} {result['status']:<7} output  {result['out']}")
         print(f"  {'':<20} metrics {result['metrics_file']}")
