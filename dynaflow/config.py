@@ -46,6 +46,12 @@ class DataConfig(_Section):
         2000, gt=0, description="seeded random subset of the training split; null = all"
     )
     max_dev_examples: int | None = Field(None, gt=0, description="first N dev examples; null = all")
+    heldout_examples: int = Field(
+        500,
+        ge=0,
+        description="training examples set aside (heldout.parquet), never trained on, on which checkpoints "
+        "are chosen (selection: heldout); taken from the rows max_train_examples leaves out, else from train",
+    )
     skip_malformed: bool = Field(False, description="skip (and count) malformed rows instead of stopping")
 
     @field_validator("task")
@@ -118,11 +124,11 @@ class DistillConfig(_Section):
         0, ge=0, description="evaluate every grid point every N steps (0: each epoch end)"
     )
     selection: Literal["dev", "heldout", "last"] = Field(
-        "last",
-        description="keep the checkpoint with the best summed score on dev (official), on a held-out "
-        "slice of train (honest), or the last one",
+        "heldout",
+        description="keep the checkpoint with the best summed score on the data stage's held-out training "
+        "rows (never trained on, so dev stays unseen), on dev (the official code; dev is also what is "
+        "reported), or the last one",
     )
-    heldout_examples: int = Field(500, gt=0, description="size of the held-out slice (selection: heldout)")
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
     precision: Precision = precision_field()
     subnets: Literal["all", "sandwich"] = Field(

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from dynaflow.config import DataConfig, Params
+from dynaflow.config import ConfigError, DataConfig, Params
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import SplitData, TaskSpec, find_glue_dir, get_task, load_split
-from dynaflow.data.splits import TASK_FILE, TOKENIZER_DIR, write_split
+from dynaflow.data.splits import HELDOUT, TASK_FILE, TOKENIZER_DIR, write_split
 from dynaflow.evaluation.metrics import compute_metrics, main_score
 from dynaflow.models.backbone import load_tokenizer, local_files
 from stages.registry import Stage, StageContext, register
@@ -34,18 +34,36 @@ def input_files(cfg: DataConfig) -> list[Path]:
     return sorted(p for p in (root / task.dir_name).glob("*.tsv") if p.stem in ("train", *task.dev_splits))
 
 
-def _subsample(split: SplitData, limit: int | None, seed: int) -> SplitData:
-    if limit is None or limit >= len(split.text_a):
-        return split
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split.text_a))[:limit])
+def _rows(split: SplitData, keep: np.ndarray, with_skipped: bool = True) -> SplitData:
     return SplitData(
         [split.text_a[i] for i in keep],
         None if split.text_b is None else [split.text_b[i] for i in keep],
         [split.labels[i] for i in keep],
-        split.n_skipped,
-        split.skipped,
+        split.n_skipped if with_skipped else 0,
+        split.skipped if with_skipped else [],
         split.source,
     )
+
+
+def train_and_heldout(
+    split: SplitData, limit: int | None, heldout: int, seed: int
+) -> tuple[SplitData, SplitData]:
+    """(the training subset, the held-out rows): disjoint, both seeded.
+
+    One seeded permutation of the training split: the first ``limit`` rows train (the same subset as
+    without a held-out slice), the next ``heldout`` rows are held out. When fewer than ``limit + heldout``
+    rows exist, the held-out rows come off the training subset instead.
+    """
+    n = len(split.text_a)
+    if heldout >= n:
+        raise ConfigError(
+            f"data.heldout_examples={heldout} leaves nothing to train on ({n} training examples); "
+            "use fewer, or 0 (no held-out slice: selection must then be dev or last)"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = min(n if limit is None else limit, n - heldout)
+    held = _rows(split, np.sort(order[n_train : n_train + heldout]), with_skipped=False)  # counted once
+    return _rows(split, np.sort(order[:n_train])), held
 
 
 def _first(split: SplitData, limit: int | None) -> SplitData:
@@ -80,13 +98,18 @@ def prepare(cfg: DataConfig, backbone: str, seed: int, out_dir: Path, tracker: N
     labels_of: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     skipped: dict[str, int] = {}
+    splits: dict[str, SplitData] = {}
     for name in ("train", *task.dev_splits):
         split = load_split(task, name, cfg.glue_dir, skip_malformed=cfg.skip_malformed)
-        split = (
-            _subsample(split, cfg.max_train_examples, seed)
-            if name == "train"
-            else _first(split, cfg.max_dev_examples)
-        )
+        if name == "train":
+            splits["train"], splits[HELDOUT] = train_and_heldout(
+                split, cfg.max_train_examples, cfg.heldout_examples, seed
+            )
+        else:
+            splits[name] = _first(split, cfg.max_dev_examples)
+    for name, split in splits.items():
+        if not split.labels:  # no held-out slice (data.heldout_examples: 0)
+            continue
         if split.n_skipped:
             log.warning(
                 "%s: skipped %d malformed row(s), e.g. %s", split.source, split.n_skipped, split.skipped[:3]

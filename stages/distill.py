@@ -19,13 +19,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.plots import LOSS_CURVE, curve_records, grid_heatmap, loss_plot
 from dynaflow.core.tracking import NullTracker
-from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
+from dynaflow.data.splits import (
+    HELDOUT,
+    TOKENIZER_DIR,
+    TokenizedSplit,
+    load_heldout,
+    load_split,
+    read_task_meta,
+)
 from stages.registry import Stage, StageContext, extremes, register
 
 # The training machinery (torch, transformers) is imported inside the functions that use it, as in every
@@ -37,14 +42,6 @@ if TYPE_CHECKING:
     from dynaflow.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def split_heldout(train: TokenizedSplit, n: int, seed: int) -> tuple[TokenizedSplit, TokenizedSplit]:
-    """(training part, held-out part): a seeded slice of ``n`` examples taken out of training."""
-    if n >= len(train):
-        raise ValueError(f"heldout_examples={n} leaves nothing to train on ({len(train)} training examples)")
-    order = np.random.default_rng([seed, 7]).permutation(len(train))
-    return train.subset(np.sort(order[n:])), train.subset(np.sort(order[:n]))
 
 
 def build_teacher_cache(
@@ -127,11 +124,7 @@ def distill(
     task, regression = meta["task"], meta["is_regression"]
     train = load_split(train_dir, "train")
     dev = load_dev(data_dir, meta["dev_splits"])
-    if cfg.selection == "heldout":
-        train, heldout = split_heldout(train, cfg.heldout_examples, seed)
-        selection_split = {"heldout": heldout}
-    else:
-        selection_split = dev
+    selection_split = {HELDOUT: load_heldout(data_dir)} if cfg.selection == "heldout" else dev
 
     torch.manual_seed(seed)
     student, teacher = load_elastic(student_dir), load_elastic(teacher_dir)

@@ -27,14 +27,14 @@ def candidates(params: Params, layout: Layout) -> list[Candidate]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     found = candidates(ctx.params, ctx.layout)
-    return measure_candidates(ctx, METHOD, ctx.upstream("depth_kd"), found)
+    return measure_candidates(ctx, METHOD, ctx.upstream("depth_kd"), found, ctx.params.depth_kd.selection)
 
 
 STAGE = register(
     Stage(
         name="evaluate",
         out="artifacts/evaluation",
-        sections=(MEASUREMENT_SECTION, "widths", "depths"),
+        sections=(MEASUREMENT_SECTION, "widths", "depths", "depth_kd"),  # depth_kd: how it chose (report)
         upstream=("data", "depth_kd"),
         run=run,
         external=this_machine,

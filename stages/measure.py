@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dynaflow.config import EvaluateConfig, HardwareProfile, Params
 from dynaflow.core.artifacts import atomic_write_json
-from dynaflow.data.splits import read_task_meta
+from dynaflow.data.splits import HELDOUT, read_task_meta
 from dynaflow.evaluation import machine
 from dynaflow.evaluation.report import RESULTS_FILE, write_report
 from stages.registry import StageContext, extremes
@@ -41,6 +41,7 @@ def measure_into(
     cfg: EvaluateConfig,
     root: Path,
     out_dir: Path,
+    chosen_on: str | None = None,
 ) -> dict[str, Any]:
     """Measure ``candidates`` on ``profiles`` into ``out_dir/results.json``; return the results document."""
     from dynaflow.evaluation.export import reference_batch
@@ -62,6 +63,7 @@ def measure_into(
         cfg,
         machine.machine_info(),
         entries,
+        {method: chosen_on} if chosen_on else None,
     )
     atomic_write_json(Path(out_dir) / RESULTS_FILE, results)
     return results
@@ -74,14 +76,27 @@ def measurement_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def measure_candidates(ctx: StageContext, method: str, source: Path, candidates: Sequence[Candidate]) -> dict:
-    """The body of a method's measurement stage; returns the stage's flat metrics."""
+def chosen_on(selection: str, data_dir: Path) -> str:
+    """How a training stage's ``selection`` chose the weights, in words for the report."""
+    if selection == "heldout":
+        n = read_task_meta(data_dir)["counts"].get(HELDOUT, 0)
+        return f"{n} held-out training rows, never trained on (dev unseen)"
+    if selection == "dev":
+        return "dev, as the official code (the dev scores shown also chose the checkpoint: optimistic)"
+    return "nothing: the last step's weights"
+
+
+def measure_candidates(
+    ctx: StageContext, method: str, source: Path, candidates: Sequence[Candidate], selection: str = "last"
+) -> dict:
+    """The body of a method's measurement stage; returns the stage's flat metrics. ``selection``: how the
+    training stage chose the weights the candidates come from (heldout, dev or last)."""
     from dynaflow.evaluation.harness import flat_metrics
 
     cfg = ctx.params.evaluate
-    results = measure_into(
-        candidates, method, source, ctx.upstream("data"), cfg.profiles, cfg, ctx.layout.root, ctx.out
-    )
+    data_dir = ctx.upstream("data")
+    results = measure_into(candidates, method, source, data_dir, cfg.profiles, cfg, ctx.layout.root, ctx.out,
+                           chosen_on(selection, data_dir))  # fmt: skip
     report = write_report(results, ctx.out)
     metrics = flat_metrics(results["profiles"], results["main_metric"]) | {"candidates": len(candidates)}
     ctx.tracker.log_metrics(metrics)  # the tracker keeps the finite numbers

@@ -23,7 +23,9 @@ def candidates(params: Params, layout: Layout) -> list[Candidate]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    return measure_candidates(ctx, METHOD, ctx.upstream("theseus"), candidates(ctx.params, ctx.layout))
+    # the successor is the last step's weights: Theseus chooses no checkpoint
+    found = candidates(ctx.params, ctx.layout)
+    return measure_candidates(ctx, METHOD, ctx.upstream("theseus"), found, selection="last")
 
 
 STAGE = register(

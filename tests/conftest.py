@@ -110,8 +110,9 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def write_sst2(root: Path, n_train: int = 48, n_dev: int = 16) -> Path:
-    """A small SST-2 directory in the GLUE layout, with a learnable signal (good/bad words)."""
+def write_sst2(root: Path, n_train: int = 56, n_dev: int = 16) -> Path:
+    """A small SST-2 directory in the GLUE layout, with a learnable signal (good/bad words); with
+    tiny_params' 8 held-out rows, 48 train."""
     task = root / "SST-2"
     task.mkdir(parents=True, exist_ok=True)
     pos, neg = ["good", "great", "fun", "charming", "best"], ["bad", "awful", "boring", "dull", "worst"]
@@ -138,7 +139,7 @@ def tiny_params(backbone: Path, glue_dir: Path, **teacher: object) -> dict:
     return {
         "seed": 1,
         "backbone": str(backbone),
-        "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_seq_length": 16},
+        "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_seq_length": 16, "heldout_examples": 8},
         "teacher": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "learning_rate": 1e-3, **teacher},
         "evaluate": {"warmup": 1, "repeats": 3},  # default profiles, few timed calls (tiny model)
         "teacher_gate": {"on_fail": "warn"},  # a tiny teacher may sit at chance: plumbing is tested here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from transformers import BertConfig
 
 from dynaflow.config import Params
 from dynaflow.core.tracking import NullTracker
+from dynaflow.data.glue import read_split
+from dynaflow.data.splits import load_split, write_split
 from dynaflow.methods.dynabert.distill import SubnetGrid, hidden_loss, make_distill_step, soft_cross_entropy
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
 from stages import data, distill
@@ -178,18 +181,49 @@ def test_distillation_resumes_where_it_stopped(
     )
 
 
-def test_heldout_selection_leaves_examples_out(
-    pipeline_dirs: tuple[Params, Path, Path], tmp_path: Path
-) -> None:
+def test_heldout_selection_never_sees_dev(pipeline_dirs: tuple[Params, Path, Path], tmp_path: Path) -> None:
+    """Checkpoints chosen on the held-out rows: with a poisoned dev set, the same step is kept and the same
+    weights come out; choosing on dev follows the poison. The poison is the held-out rows with their labels
+    flipped, so a selection that read dev would rank every checkpoint the other way round."""
     params, data_dir, teacher_dir = pipeline_dirs
     params = params.model_copy(update={"widths": [1.0, 0.5]})
-    params.width_kd.selection = "heldout"
-    params.width_kd.heldout_examples = 16
-    metrics = run_phase(params, "width", teacher_dir, teacher_dir, data_dir, tmp_path / "w")
-    assert metrics["train_examples"] == 48 - 16
-    params.width_kd.heldout_examples = 48
-    with pytest.raises(ValueError, match="leaves nothing to train on"):
-        run_phase(params, "width", teacher_dir, teacher_dir, data_dir, tmp_path / "w2")
+    params.width_kd.epochs, params.width_kd.eval_every = 3, 1  # many checkpoints to choose from
+    assert params.width_kd.selection == "heldout"  # the default
+    poisoned = tmp_path / "poisoned-data"
+    shutil.copytree(data_dir, poisoned)
+    held = load_split(poisoned, "heldout")
+    write_split(poisoned / "dev.parquet", held.input_ids, held.token_type_ids, 1 - held.labels)
+
+    clean = run_phase(params, "width", teacher_dir, teacher_dir, data_dir, tmp_path / "clean")
+    dirty = run_phase(params, "width", teacher_dir, teacher_dir, poisoned, tmp_path / "dirty")
+    assert dirty["selected_step"] == clean["selected_step"] and clean["train_examples"] == 48
+    a, b = (
+        load_file(tmp_path / "clean" / "model.safetensors"),
+        load_file(tmp_path / "dirty" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert dirty["dev.w1.0_d1.0.acc"] != clean["dev.w1.0_d1.0.acc"]  # reported on dev, never chosen on it
+
+    params.width_kd.selection = "dev"
+    on_dev = [run_phase(params, "width", teacher_dir, teacher_dir, d, tmp_path / f"dev-{d.name}")
+              for d in (data_dir, poisoned)]  # fmt: skip
+    assert on_dev[0]["selected_step"] != on_dev[1]["selected_step"]
+
+
+def test_heldout_rows_are_set_aside_from_training(tiny_glue: Path, tmp_path: Path) -> None:
+    from dynaflow.config import ConfigError
+    from stages.data import train_and_heldout
+
+    split = read_split("sst2", tiny_glue, "train")
+    train, heldout = train_and_heldout(split, None, 8, seed=1)
+    assert (len(train.labels), len(heldout.labels)) == (48, 8)
+    assert sorted(train.text_a + heldout.text_a) == sorted(split.text_a)  # a partition of the training rows
+    subset, held = train_and_heldout(split, 20, 8, seed=1)
+    assert len(subset.labels) == 20 and len(held.labels) == 8
+    # the training subset is the one drawn without a held-out slice: comparable with earlier runs
+    assert train_and_heldout(split, 20, 0, seed=1)[0].text_a == subset.text_a
+    with pytest.raises(ConfigError, match="leaves nothing to train on"):
+        train_and_heldout(split, None, 56, seed=1)
 
 
 def test_final_finetuning_trains_every_subnetwork_on_labels(

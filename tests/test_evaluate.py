@@ -334,6 +334,8 @@ def test_absent_hardware_notes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_report_and_plots_have_one_point_per_grid_cell(selected: Path) -> None:
     report = (selected / "report.md").read_text()
+    # the default: DynaBERT's checkpoint chosen on the data stage's held-out rows, and the report says so
+    assert "dynabert: 8 held-out training rows, never trained on (dev unseen)" in report
     results = load_results([selected])[0]
     for entry in results["profiles"][:2]:
         name = entry["profile"]["name"]

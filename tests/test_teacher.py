@@ -33,14 +33,14 @@ def test_data_stage_writes_splits_and_metadata(tmp_path: Path, tiny_backbone: Pa
                 "glue_dir": str(tiny_glue),
                 "max_seq_length": 6,
                 "max_train_examples": 20,
+                "heldout_examples": 8,
             }
         }
     )
     out = prepare(tmp_path, params)
     meta = read_task_meta(out)
-    assert (
-        meta["num_labels"] == 2 and not meta["is_regression"] and meta["counts"] == {"train": 20, "dev": 16}
-    )
+    assert meta["num_labels"] == 2 and not meta["is_regression"]
+    assert meta["counts"] == {"train": 20, "heldout": 8, "dev": 16}
     train = load_split(out, "train")
     assert len(train) == 20 and max(len(x) for x in train.input_ids) == 6  # truncated to max_seq_length
     assert set(np.unique(train.labels)) <= {0, 1}

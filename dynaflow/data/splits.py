@@ -18,10 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dynaflow.core.errors import DynaflowError
+
 if TYPE_CHECKING:
     import torch
 
 TASK_FILE = "task.json"
+# Training rows set aside by the data stage and never trained on: where checkpoints are chosen
+# (selection: heldout), so that the dev score a report shows was not used to pick what it reports.
+HELDOUT = "heldout"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -85,6 +90,16 @@ def pad(
         n = len(tokens)
         ids[row, :n], types[row, :n], mask[row, :n] = tokens, segments, 1
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+
+
+def load_heldout(data_dir: Path) -> TokenizedSplit:
+    """The data stage's held-out training rows (selection: heldout); an error saying how to get them."""
+    if not (Path(data_dir) / f"{HELDOUT}.parquet").is_file():
+        raise DynaflowError(
+            f"{data_dir}: no held-out slice to choose checkpoints on (data.heldout_examples is 0); set it "
+            "above 0, or choose on dev or keep the last weights (selection: dev | last)"
+        )
+    return load_split(data_dir, HELDOUT)
 
 
 def collate(

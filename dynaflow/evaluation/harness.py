@@ -233,14 +233,19 @@ def results_document(
     cfg: EvaluateConfig,
     machine: dict[str, Any],
     entries: list[dict[str, Any]],
+    checkpoints: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``results.json``: what selection and the report read (and merge with other methods' results)."""
+    """``results.json``: what selection and the report read (and merge with other methods' results).
+
+    ``checkpoints``: method -> on what its training chose the weights measured here (the report says it:
+    a dev score that also chose the checkpoint is an optimistic one)."""
     return {
         "version": 2,
         "methods": list(methods),
         "task": task,
         "main_metric": metric_name,
         "sources": sources,  # method -> the output its candidates come from
+        "checkpoints": checkpoints or {},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "protocol": {
             "warmup": cfg.warmup,

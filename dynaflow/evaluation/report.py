@@ -218,6 +218,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         "calls per candidate in interleaved rounds, threads pinned to the profile. Budgets apply to the "
         f"latency {stat}. Peak memory: {protocol.get('memory', 'see dynaflow.evaluation.harness')}.",
     ]
+    if checkpoints := results.get("checkpoints"):
+        lines.append("Checkpoints chosen on: " + "; ".join(f"{m}: {c}" for m, c in checkpoints.items()) + ".")
     if results.get("quality"):
         lines.append(f"Quality floor for shipping: {results['quality']}.")
     lines.append("")
@@ -313,6 +315,7 @@ def merge_results(results: Sequence[dict[str, Any]], keep_selection: bool = Fals
     merged = {k: v for k, v in results[0].items() if k != "profiles"}
     merged["methods"] = list(dict.fromkeys(m for r in results for m in r.get("methods", [])))
     merged["sources"] = {k: v for r in results for k, v in (r.get("sources") or {}).items()}
+    merged["checkpoints"] = {k: v for r in results for k, v in (r.get("checkpoints") or {}).items()}
     parts: dict[str, dict[str, tuple[int, dict[str, Any]]]] = {}  # profile -> method -> (source, entry)
     for source, result in enumerate(results):
         for entry in result.get("profiles", []):
