@@ -5,9 +5,10 @@
   optionally final fine-tuning of every sub-network on labels.
 
 Checkpoint selection follows the official code: at each evaluation (every ``eval_every`` steps, or each
-epoch end) every sub-network is scored and the weights with the best *sum* of main scores are kept. The
-official code selects on dev, which is also what gets reported; ``selection: heldout`` selects on a slice
-of the training set instead (excluded from training), ``last`` keeps the final weights.
+epoch end) every sub-network is scored and the weights with the best *sum* of main scores are kept. By
+default (``selection: heldout``) they are scored on the data stage's held-out training rows, never trained
+on; the official code selects on dev (``selection: dev``), which is also what gets reported, so its dev
+scores are optimistic. ``last`` keeps the final weights.
 """
 
 from __future__ import annotations

@@ -33,14 +33,18 @@ HEADER = """\
 """
 
 
+def code_deps(name: str) -> list[str]:
+    """The source files of the stage's import closure, relative to the project (what its key hashes)."""
+    return sorted(f.resolve().relative_to(PROJECT_ROOT).as_posix() for f in code_files(name))
+
+
 def stage_entry(name: str, params: Params) -> dict:
     stage = STAGES[name]
     outputs = [STAGES[u].out for u in (*stage.upstream, *stage.gathers())]
-    code = sorted(f.resolve().relative_to(PROJECT_ROOT).as_posix() for f in code_files(name))
     metrics = [Layout(Path()).headline(name).as_posix(), *stage.extra_metrics(params)]
     return {
         "cmd": f"dynaflow stage {name}",
-        "deps": outputs + code,
+        "deps": outputs + code_deps(name),
         # DVC names whole sections (or keys): a measurement's params view is the evaluate section.
         "params": list(dict.fromkeys(s.split(".")[0] for s in stage.sections)),
         # persist: DVC would delete the output before the command runs, under a `dynaflow run` that may be
@@ -55,10 +59,9 @@ def report_entry() -> dict:
     rebuilt by ``dynaflow report``. Those arrive in ``artifacts/evaluation-hw/`` from Prefect workers, not
     from a DVC stage, so DVC re-runs the report when the selection changes; after new profiles arrive,
     ``dynaflow report`` (or ``dvc repro -f report``) merges them."""
-    code = sorted(f.resolve().relative_to(PROJECT_ROOT).as_posix() for f in code_files("select"))
     return {
         "cmd": "dynaflow report",
-        "deps": [STAGES["select"].out, *code],
+        "deps": [STAGES["select"].out, *code_deps("select")],
         "outs": [{REPORT_OUT: {"persist": True}}],
     }
 

@@ -76,8 +76,10 @@ def measurement_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def chosen_on(selection: str, data_dir: Path) -> str:
-    """How a training stage's ``selection`` chose the weights, in words for the report."""
+def chosen_on(selection: str | None, data_dir: Path) -> str | None:
+    """How a training stage's ``selection`` chose the weights, in words for the report (None: not said)."""
+    if selection is None:
+        return None
     if selection == "heldout":
         n = read_task_meta(data_dir)["counts"].get(HELDOUT, 0)
         return f"{n} held-out training rows, never trained on (dev unseen)"
@@ -87,10 +89,14 @@ def chosen_on(selection: str, data_dir: Path) -> str:
 
 
 def measure_candidates(
-    ctx: StageContext, method: str, source: Path, candidates: Sequence[Candidate], selection: str = "last"
+    ctx: StageContext,
+    method: str,
+    source: Path,
+    candidates: Sequence[Candidate],
+    selection: str | None = None,
 ) -> dict:
     """The body of a method's measurement stage; returns the stage's flat metrics. ``selection``: how the
-    training stage chose the weights the candidates come from (heldout, dev or last)."""
+    training stage chose the weights the candidates come from (heldout, dev or last), for the report."""
     from dynaflow.evaluation.harness import flat_metrics
 
     cfg = ctx.params.evaluate

@@ -138,7 +138,7 @@ def extremes(scores: list[float]) -> dict[str, float]:
 
 
 def rounded(headline: dict[str, Any]) -> dict[str, Any]:
-    """Headline values as a person reads them (4 significant decimals), keys checked against HEADLINE_KEYS."""
+    """Headline values as a person reads them (4 decimals), keys checked against HEADLINE_KEYS."""
     unknown = sorted(set(headline) - set(HEADLINE_KEYS))
     if unknown:
         raise ValueError(f"headline keys {unknown} are not among {HEADLINE_KEYS}")

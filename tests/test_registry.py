@@ -142,3 +142,14 @@ def test_registering_needs_unique_names_and_known_upstream() -> None:
         reg.register(stage)
     with pytest.raises(ValueError, match=r"upstream \['nosuch'\] not registered"):
         reg.register(reg.Stage("x", "artifacts/x", (), ("nosuch",), stage.run))
+
+
+def test_a_headline_uses_the_shared_columns_only() -> None:
+    """A plug-in's headline with a key of its own would widen `dvc metrics show` by a column for every row:
+    refused (run_stage computes it before the output is published)."""
+    assert reg.rounded({"score": 0.812345, "selected": "dynabert/w1.0_d1.0"}) == {
+        "score": 0.8123,
+        "selected": "dynabert/w1.0_d1.0",
+    }
+    with pytest.raises(ValueError, match=r"\['accuracy'\] are not among"):
+        reg.rounded({"accuracy": 0.8})
