@@ -35,6 +35,7 @@ def input_files(cfg: DataConfig) -> list[Path]:
 
 
 def _rows(split: SplitData, keep: np.ndarray, with_skipped: bool = True) -> SplitData:
+    """The rows ``keep`` of ``split`` in that order; ``with_skipped``: it carries the malformed-row count."""
     return SplitData(
         [split.text_a[i] for i in keep],
         None if split.text_b is None else [split.text_b[i] for i in keep],
@@ -67,16 +68,7 @@ def train_and_heldout(
 
 
 def _first(split: SplitData, limit: int | None) -> SplitData:
-    if limit is None:
-        return split
-    return SplitData(
-        split.text_a[:limit],
-        None if split.text_b is None else split.text_b[:limit],
-        split.labels[:limit],
-        split.n_skipped,
-        split.skipped,
-        split.source,
-    )
+    return split if limit is None else _rows(split, np.arange(min(limit, len(split.text_a))))
 
 
 def chance_scores(task: TaskSpec, train_labels: np.ndarray, dev_labels: np.ndarray) -> dict[str, float]:

@@ -326,10 +326,11 @@ def relocate_mlflow_store(root: Path) -> Path | None:
             found = db.execute(_EXPERIMENT_LOCATION, (EXPERIMENT,)).fetchone()
             if found is None or found[0] == here or not str(found[0]).endswith("/mlartifacts"):
                 return None
-            old_root, new_root = str(found[0]).removesuffix("/mlartifacts"), path.parent.as_uri()
+            old_root = str(found[0]).removesuffix("/mlartifacts")
+            old_path = unquote(old_root.removeprefix("file://"))
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             # file: URIs, and the plain paths MLflow keeps for its Default experiment
-            prefixes = ((old_root, new_root), (unquote(old_root[len("file://") :]), str(path.parent)))
+            prefixes = ((old_root, path.parent.as_uri()), (old_path, str(path.parent)))
             for (table, column), (old, new) in itertools.product(_LOCATIONS, prefixes):
                 if table in tables:
                     db.execute(
@@ -341,4 +342,4 @@ def relocate_mlflow_store(root: Path) -> Path | None:
             f"rewritten ({exc}); the MLflow UI shows the artifacts missing until they are",
             path,
         ) from None
-    return Path(unquote(old_root[len("file://") :]))
+    return Path(old_path)
