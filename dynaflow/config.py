@@ -32,6 +32,19 @@ def precision_field() -> Any:
     return Field("auto", description="bf16 autocast in training steps (auto: where hardware has it) or fp32")
 
 
+Selection = Literal["heldout", "dev", "last"]
+
+
+def selection_field(score: str) -> Any:
+    """Every training section's ``selection`` (dynaflow.training.selection); ``score``: what is compared."""
+    return Field(
+        "heldout",
+        description=f"keep the checkpoint with the best {score} on the data stage's held-out training rows "
+        "(never trained on, so dev stays unseen), on dev (the official code; dev is also what is reported), "
+        "or the last one",
+    )
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -81,6 +94,7 @@ class TeacherConfig(_Section):
         0, ge=0, description="also checkpoint every N optimizer steps (0 = only at the end of each epoch)"
     )
     precision: Precision = precision_field()
+    selection: Selection = selection_field("main score at an epoch end")
 
 
 class TeacherGateConfig(_Section):
@@ -123,12 +137,7 @@ class DistillConfig(_Section):
     eval_every: int = Field(
         0, ge=0, description="evaluate every grid point every N steps (0: each epoch end)"
     )
-    selection: Literal["dev", "heldout", "last"] = Field(
-        "heldout",
-        description="keep the checkpoint with the best summed score on the data stage's held-out training "
-        "rows (never trained on, so dev stays unseen), on dev (the official code; dev is also what is "
-        "reported), or the last one",
-    )
+    selection: Selection = selection_field("summed main score over all sub-networks")
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
     precision: Precision = precision_field()
     subnets: Literal["all", "sandwich"] = Field(
@@ -224,6 +233,7 @@ class TheseusConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
     precision: Precision = precision_field()
+    selection: Selection = selection_field("successor's main score at an epoch end")
 
     @model_validator(mode="after")
     def _scheduler_knobs(self) -> TheseusConfig:
@@ -276,7 +286,7 @@ def _default_profiles() -> list[HardwareProfile]:
 
 
 MEASUREMENT_SECTION = "evaluate.measurement"  # see Params.section
-SELECTION_ONLY = {"export", "quality_floor", "max_metric_drop", "min_gain_over_chance"}
+SELECTION_ONLY = {"export", "quality_floor", "max_metric_drop", "min_gain_over_chance", "int8_min_agreement"}
 PROFILE_BUDGETS = ("latency_ms", "memory_mb")
 
 
@@ -307,6 +317,18 @@ class EvaluateConfig(_Section):
         "torchscript", description="torch.onnx exporter: torchscript (fast) or dynamo (needs onnxscript)"
     )
     onnx_opset: int = Field(17, ge=14, le=23, description="ONNX opset of exported models")
+    int8: bool = Field(
+        True,
+        description="on ONNX Runtime CPU profiles, also measure every candidate quantised to dynamic int8 "
+        "(onnxruntime.quantization): its own dev score, latency and memory; selection may pick it",
+    )
+    int8_min_agreement: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="an exported int8 model must predict as its float model on at least this share of dev "
+        "(classification tasks)",
+    )
 
     @field_validator("profiles")
     @classmethod

@@ -24,14 +24,7 @@ from dynaflow.config import DepthDistillConfig, DistillConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.plots import LOSS_CURVE, curve_records, grid_heatmap, loss_plot
 from dynaflow.core.tracking import NullTracker
-from dynaflow.data.splits import (
-    HELDOUT,
-    TOKENIZER_DIR,
-    TokenizedSplit,
-    load_heldout,
-    load_split,
-    read_task_meta,
-)
+from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from stages.registry import Stage, StageContext, extremes, register
 
 # The training machinery (torch, transformers) is imported inside the functions that use it, as in every
@@ -120,12 +113,13 @@ def distill(
     from dynaflow.methods.dynabert.grid import evaluate_grid
     from dynaflow.models.backbone import load_elastic
     from dynaflow.training.loop import TrainConfig, fit
+    from dynaflow.training.selection import BestWeights, selection_split
 
     meta = read_task_meta(data_dir)
     task, regression = meta["task"], meta["is_regression"]
     train = load_split(train_dir, "train")
     dev = load_dev(data_dir, meta["dev_splits"])
-    selection_split = {HELDOUT: load_heldout(data_dir)} if cfg.selection == "heldout" else dev
+    chooser = selection_split(cfg.selection, data_dir, dev)
 
     torch.manual_seed(seed)
     student, teacher = load_elastic(student_dir), load_elastic(teacher_dir)
@@ -142,19 +136,16 @@ def distill(
         teacher_width=teacher_width, cache=cache,
     )  # fmt: skip
 
-    # Best-so-far weights by the summed score over all sub-networks; part of the checkpoint for resume.
-    best: dict[str, Any] = {"score": -float("inf"), "step": 0, "state": None, "results": None}
+    best = BestWeights(student)  # by the summed score over all sub-networks
 
     def select(at_step: int) -> dict[str, float]:
-        results = evaluate_grid(
-            student, task, selection_split, list(grid.widths), list(grid.depths), cfg.eval_batch_size
-        )
+        assert chooser is not None
+        widths, depths = list(grid.widths), list(grid.depths)
+        results = evaluate_grid(student, task, chooser, widths, depths, cfg.eval_batch_size)
         total = sum(r["score"] for r in results.values())
-        if total > best["score"]:
-            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-            best.update(score=total, step=at_step, state=state, results=results)
+        best.offer(at_step, total, results)
         log.info("%s distillation, step %d: summed selection score %.4f (best %.4f at step %d)",
-                 phase, at_step, total, best["score"], best["step"])  # fmt: skip
+                 phase, at_step, total, best.score, best.step)  # fmt: skip
         return {"selection.sum": total, **{f"selection.{k}": r["score"] for k, r in results.items()}}
 
     steps_per_epoch = -(-len(train) // cfg.batch_size)
@@ -174,12 +165,11 @@ def distill(
     result = fit(
         student, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
         tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step, before_step=step.begin,
-        extra_state=(lambda: dict(best), best.update), desc=f"distill-{phase}",
+        extra_state=best.checkpoint_state, desc=f"distill-{phase}",
         pad_id=student.config.pad_token_id or 0,
     )  # fmt: skip
-    if best["state"] is not None:
-        student.load_state_dict(best["state"])
-        log.info("%s distillation: keeping the weights of step %d (selection on %s)", phase, best["step"],
+    if best.restore() is not None:
+        log.info("%s distillation: keeping the weights of step %d (selection on %s)", phase, best.step,
                  cfg.selection)  # fmt: skip
 
     finetune_epochs = getattr(cfg, "final_finetune_epochs", 0)
@@ -187,8 +177,8 @@ def distill(
         final_finetune(student, train, grid, regression, cfg, seed, finetune_epochs,
                        work_dir / "finetune.pt", fingerprint, tracker)  # fmt: skip
 
-    if cfg.selection == "dev" and best["results"] is not None and not finetune_epochs:
-        results = best["results"]  # the kept weights' dev scores: measured when they were selected
+    if cfg.selection == "dev" and best.results is not None and not finetune_epochs:
+        results = best.results  # the kept weights' dev scores: measured when they were selected
     else:
         results = evaluate_grid(student, task, dev, list(grid.widths), list(grid.depths), cfg.eval_batch_size)
     student.save_pretrained(out_dir, safe_serialization=True)
@@ -206,7 +196,7 @@ def distill(
     tracker.log_artifact(out_dir / "grid.json")
     metrics: dict[str, Any] = {f"dev.{k}.{m}": v for k, r in results.items() for m, v in r.items()}
     metrics |= {
-        "selected_step": result.global_step if cfg.selection == "last" else best["step"],
+        "selected_step": result.global_step if cfg.selection == "last" else best.step,
         "train_seconds": result.seconds,
         "examples_per_second": result.examples_per_second,
         "train_examples": len(train),

@@ -26,7 +26,7 @@ from dynaflow.core.artifacts import atomic_write_json, check_output, staged_outp
 from dynaflow.core.errors import DynaflowError
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import get_task
-from dynaflow.data.splits import TOKENIZER_DIR, read_task_meta
+from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from dynaflow.evaluation.candidates import Candidate
 from dynaflow.evaluation.report import (
     REPORT_FILE,
@@ -38,7 +38,7 @@ from dynaflow.evaluation.report import (
     write_report,
 )
 from dynaflow.evaluation.selection import QualityFloor, fits, latency_key, quality_floor, select
-from stages.measure import measure_into
+from stages.measure import chosen_on, measure_into
 from stages.registry import (
     STAGES,
     Layout,
@@ -113,12 +113,11 @@ class CandidateIndex:
         if stage not in self.built:
             listed = STAGES[stage].candidates(self.params, self.layout)  # type: ignore[misc]
             self.built[stage] = {c.id: c for c in listed}
+        wanted = row.get("base", row["candidate"])  # an int8 variant: the float candidate it comes from
         try:
-            return self.built[stage][row["candidate"]]
+            return self.built[stage][wanted]
         except KeyError:
-            raise RuntimeError(
-                f"stage {stage!r} no longer lists candidate {row['candidate']!r} (re-run it)"
-            ) from None
+            raise RuntimeError(f"stage {stage!r} no longer lists candidate {wanted!r} (re-run it)") from None
 
 
 def select_and_export(
@@ -139,6 +138,8 @@ def select_and_export(
     floor = floor_for(params, layout)
     merged["quality"] = floor.reason
     merged["reference"] = reference_scores(layout) | {"floor": floor.floor}
+    # The teacher (the reference line, and the floor's anchor) chose its weights too: the report says how.
+    merged.setdefault("checkpoints", {})["teacher"] = chosen_on(params.teacher.selection, data_dir)
     batch = reference_batch(data_dir, vocab_size=0)
     for entry in merged["profiles"]:
         if entry["status"] != "measured":
@@ -177,7 +178,9 @@ def select_and_export(
             "budget": selection.budget,
             "source": (merged.get("sources") or {}).get(r["method"], "?"),
             "path": str(published_as / target),
+            "precision": r.get("precision", "float32"),
         }
+        int8 = r.get("precision") == "int8"
         export_candidate(
             find(r),
             out_dir / target,
@@ -188,6 +191,8 @@ def select_and_export(
             card=card,
             opset=cfg.onnx_opset,
             exporter=cfg.onnx_exporter,
+            int8_dev=load_split(data_dir, meta["dev_splits"][0]) if int8 else None,
+            min_agreement=cfg.int8_min_agreement,
         )
         entry["export"] = str(published_as / target)
     return merged
@@ -286,7 +291,7 @@ STAGE = register(
     Stage(
         name="select",
         out="artifacts/selection",
-        sections=("evaluate",),
+        sections=("evaluate", "teacher"),  # teacher: how it chose its weights (report)
         upstream=("data", "teacher"),
         run=run,
         flow=None,  # every flow ends with it

@@ -1,5 +1,9 @@
 """Teacher stage: fine-tune the backbone on the task; save it in the Hugging Face format with dev metrics.
 
+The weights kept are those of the epoch end that scored best on ``teacher.selection``'s split (default: the
+data stage's held-out training rows, so the teacher's dev score is not chosen on dev; see
+:mod:`dynaflow.training.selection`).
+
 Checkpoints go to ``work_dir`` (outside the output, which DVC deletes before a run), so re-running after a
 crash resumes from the last one; the runner removes them once the output is in place.
 """
@@ -74,6 +78,7 @@ def fine_tune(
     from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
     from dynaflow.models.backbone import load_classifier
     from dynaflow.training.loop import TrainConfig, fit
+    from dynaflow.training.selection import BestWeights, selection_split
 
     gate_cfg = gate_cfg or TeacherGateConfig()
     meta = read_task_meta(data_dir)
@@ -89,10 +94,20 @@ def fine_tune(
         loss.backward()
         return {"loss": loss.item()}
 
+    chooser = selection_split(cfg.selection, data_dir, dev)
+    best = BestWeights(model)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+
     def on_epoch_end(epoch: int) -> dict[str, float]:
         metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
         log.info("teacher epoch %d dev: %s", epoch, metrics)
-        return {f"dev.{k}": v for k, v in metrics.items()}
+        logged = {f"dev.{k}": v for k, v in metrics.items()}
+        if chooser is not None:
+            chosen_by = metrics if chooser is dev else evaluate(hf_logits(model), meta["task"], chooser,
+                                                                 cfg.eval_batch_size)  # fmt: skip
+            best.offer(epoch * steps_per_epoch, chosen_by["score"])
+            logged["selection.score"] = chosen_by["score"]
+        return logged
 
     train_cfg = TrainConfig.from_section(cfg, seed)
     result = fit(
@@ -105,10 +120,15 @@ def fine_tune(
         tracker=tracker,
         on_epoch_end=on_epoch_end,
         on_step=on_step,
+        extra_state=best.checkpoint_state,
         desc="teacher",
         pad_id=pad_id,
     )
+    selected_step = best.restore() or result.global_step
+    log.info("teacher: keeping the weights of step %d of %d (selection: %s)", selected_step,
+             result.global_step, cfg.selection)  # fmt: skip
     metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
+    metrics["selected_step"] = selected_step
     chance = (meta.get("chance") or {}).get("score")
     if chance is not None:  # recorded beside the score; the gate (below) decides what follows from it
         metrics["gain_over_chance"] = metrics["score"] - chance
@@ -122,7 +142,7 @@ def fine_tune(
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / LOSS_CURVE, curve_records(result.loss_history))
     tracker.log_artifact(out_dir / LOSS_CURVE)
-    tracker.log_metrics({f"final.dev.{k}": v for k, v in metrics.items()})
+    tracker.log_metrics({("" if k == "selected_step" else "final.dev.") + k: v for k, v in metrics.items()})
     return metrics | {"train_seconds": result.seconds, "examples_per_second": result.examples_per_second}
 
 

@@ -5,7 +5,9 @@ in the official code: during the first ``epochs`` (the replacing phase) each suc
 ``r`` teacher layers with the scheduled rate; after them ``p = 1`` (successor-only fine-tuning). Only the
 successor's layers train. The output is the successor as a plain Hugging Face BERT classifier with dev
 metrics, the loss curve and the replacing rate of every step. Checkpoints go to ``work_dir``; the rate and
-the draws are pure functions of the step, so a resumed run ends with the same weights.
+the draws are pure functions of the step, so a resumed run ends with the same weights. The successor kept is
+the one of the epoch end that scored best on ``theseus.selection``'s split (default: the data stage's
+held-out training rows; see :mod:`dynaflow.training.selection`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def compress(
         theseus_encoder,
     )
     from dynaflow.training.loop import TrainConfig, fit
+    from dynaflow.training.selection import BestWeights, selection_split
 
     meta = read_task_meta(data_dir)
     train = load_split(data_dir, "train")
@@ -113,18 +116,30 @@ def compress(
             on_step(at_step)
         return {"replacing_rate": rate, "replaced_modules": float(sum(gates))}
 
+    chooser = selection_split(cfg.selection, data_dir, dev)
+    best = BestWeights(model)
+
     def on_epoch_end(epoch: int) -> dict[str, float]:
+        # In eval mode every module is the successor's: these are the scores of what would ship.
         metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
         log.info("theseus epoch %d (successor) dev: %s", epoch, metrics)
-        return {f"dev.{k}": v for k, v in metrics.items()}
+        logged = {f"dev.{k}": v for k, v in metrics.items()}
+        if chooser is not None:
+            chosen_by = metrics if chooser is dev else evaluate(hf_logits(model), meta["task"], chooser,
+                                                                 cfg.eval_batch_size)  # fmt: skip
+            best.offer(epoch * steps_per_epoch, chosen_by["score"])
+            logged["selection.score"] = chosen_by["score"]
+        return logged
 
     train_cfg = TrainConfig.from_section(cfg, seed, epochs=cfg.epochs + cfg.finetune_epochs)
     result = fit(
         model, train, step, train_cfg, checkpoint=work_dir / "checkpoint.pt", fingerprint=fingerprint,
         tracker=tracker, on_epoch_end=on_epoch_end, on_step=on_each_step, before_step=begin,
-        desc="theseus",
-        pad_id=model.config.pad_token_id or 0,
+        extra_state=best.checkpoint_state, desc="theseus", pad_id=model.config.pad_token_id or 0,
     )  # fmt: skip
+    selected_step = best.restore() or result.global_step
+    log.info("theseus: keeping the weights of step %d of %d (selection: %s)", selected_step,
+             result.global_step, cfg.selection)  # fmt: skip
 
     successor = export_successor(model)
     dev_metrics = evaluate(hf_logits(successor), meta["task"], dev, cfg.eval_batch_size)
@@ -139,6 +154,7 @@ def compress(
         - sum(p.numel() for p in encoder.scc_layer.parameters()),
         "replacing_steps": schedule.end,
         "steps": result.global_step,
+        "selected_step": selected_step,
     }
     teacher_metrics = teacher_dir / "metrics.json"
     if teacher_metrics.is_file():

@@ -23,16 +23,15 @@ def candidates(params: Params, layout: Layout) -> list[Candidate]:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    # the successor is the last step's weights: Theseus chooses no checkpoint
     found = candidates(ctx.params, ctx.layout)
-    return measure_candidates(ctx, METHOD, ctx.upstream("theseus"), found, selection="last")
+    return measure_candidates(ctx, METHOD, ctx.upstream("theseus"), found, ctx.params.theseus.selection)
 
 
 STAGE = register(
     Stage(
         name="theseus_eval",
         out="artifacts/theseus-evaluation",
-        sections=(MEASUREMENT_SECTION,),
+        sections=(MEASUREMENT_SECTION, "theseus"),  # theseus: how it chose (report)
         upstream=("data", "theseus"),
         run=run,
         external=this_machine,

@@ -130,6 +130,19 @@ def write_sst2(root: Path, n_train: int = 56, n_dev: int = 16) -> Path:
     return root
 
 
+def poisoned_copy(data_dir: Path, where: Path) -> Path:
+    """A copy of a data stage's output whose dev split is the held-out rows with their labels flipped: a
+    checkpoint selection that read dev would rank every checkpoint the other way round."""
+    import shutil
+
+    from dynaflow.data.splits import load_split, write_split
+
+    shutil.copytree(data_dir, where)
+    held = load_split(where, "heldout")
+    write_split(where / "dev.parquet", held.input_ids, held.token_type_ids, 1 - held.labels)
+    return where
+
+
 @pytest.fixture
 def tiny_glue(tmp_path: Path) -> Path:
     return write_sst2(tmp_path / "glue")

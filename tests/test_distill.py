@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,10 @@ from transformers import BertConfig
 from dynaflow.config import Params
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import read_split
-from dynaflow.data.splits import load_split, write_split
 from dynaflow.methods.dynabert.distill import SubnetGrid, hidden_loss, make_distill_step, soft_cross_entropy
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
-from stages import data, distill
-from tests.conftest import tiny_params
+from stages import data, distill, teacher
+from tests.conftest import poisoned_copy, tiny_params
 
 CONFIG = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                     intermediate_size=64, max_position_embeddings=32, num_labels=2)  # fmt: skip
@@ -182,20 +180,22 @@ def test_distillation_resumes_where_it_stopped(
 
 
 def test_heldout_selection_never_sees_dev(pipeline_dirs: tuple[Params, Path, Path], tmp_path: Path) -> None:
-    """Checkpoints chosen on the held-out rows: with a poisoned dev set, the same step is kept and the same
-    weights come out; choosing on dev follows the poison. The poison is the held-out rows with their labels
-    flipped, so a selection that read dev would rank every checkpoint the other way round."""
-    params, data_dir, teacher_dir = pipeline_dirs
+    """Checkpoints chosen on the held-out rows: with a poisoned dev set (conftest.poisoned_copy), the same
+    step is kept and the same weights come out; choosing on dev follows the poison."""
+    params, data_dir, student_dir = pipeline_dirs
     params = params.model_copy(update={"widths": [1.0, 0.5]})
     params.width_kd.epochs, params.width_kd.eval_every = 3, 1  # many checkpoints to choose from
+    params.width_kd.learning_rate = 1e-2  # large steps: the untrained student learns within the run
     assert params.width_kd.selection == "heldout"  # the default
-    poisoned = tmp_path / "poisoned-data"
-    shutil.copytree(data_dir, poisoned)
-    held = load_split(poisoned, "heldout")
-    write_split(poisoned / "dev.parquet", held.input_ids, held.token_type_ids, 1 - held.labels)
+    poisoned = poisoned_copy(data_dir, tmp_path / "poisoned-data")
+    params.teacher.epochs, params.teacher.learning_rate = 4, 1e-2  # a teacher that has learnt the task
+    teacher_dir = tmp_path / "trained-teacher"
+    teacher_dir.mkdir()
+    teacher.fine_tune(params.teacher, params.backbone, params.seed, data_dir, teacher_dir, tmp_path / "work",
+                      "fp", NullTracker())  # fmt: skip
 
-    clean = run_phase(params, "width", teacher_dir, teacher_dir, data_dir, tmp_path / "clean")
-    dirty = run_phase(params, "width", teacher_dir, teacher_dir, poisoned, tmp_path / "dirty")
+    clean = run_phase(params, "width", student_dir, teacher_dir, data_dir, tmp_path / "clean")
+    dirty = run_phase(params, "width", student_dir, teacher_dir, poisoned, tmp_path / "dirty")
     assert dirty["selected_step"] == clean["selected_step"] and clean["train_examples"] == 48
     a, b = (
         load_file(tmp_path / "clean" / "model.safetensors"),
@@ -205,7 +205,7 @@ def test_heldout_selection_never_sees_dev(pipeline_dirs: tuple[Params, Path, Pat
     assert dirty["dev.w1.0_d1.0.acc"] != clean["dev.w1.0_d1.0.acc"]  # reported on dev, never chosen on it
 
     params.width_kd.selection = "dev"
-    on_dev = [run_phase(params, "width", teacher_dir, teacher_dir, d, tmp_path / f"dev-{d.name}")
+    on_dev = [run_phase(params, "width", student_dir, teacher_dir, d, tmp_path / f"dev-{d.name}")
               for d in (data_dir, poisoned)]  # fmt: skip
     assert on_dev[0]["selected_step"] != on_dev[1]["selected_step"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +26,12 @@ import torch
 from dynaflow.core.artifacts import staged_output
 
 if TYPE_CHECKING:
+    from dynaflow.data.splits import TokenizedSplit
     from dynaflow.evaluation.candidates import Candidate
 
 ATOL = 1e-4
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 
 # Readable names for the GLUE tasks whose files label classes "0" / "1".
@@ -129,6 +131,44 @@ def onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
     return ort_runner(ort_session(path, threads=1), inputs)()
 
 
+def onnx_logits_fn(path: Path, threads: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """An ONNX model as a batch -> logits function (one session for every call), for dev scoring."""
+    from dynaflow.evaluation.hardware import ort_session
+
+    session = ort_session(path, threads)
+    wanted = {i.name for i in session.get_inputs()}
+
+    def fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feed = {k: v.numpy().astype(np.int64) for k, v in batch.items() if k in wanted}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+    return fn
+
+
+def quantize_int8(float_onnx: Path, out: Path) -> Path:
+    """Dynamic int8 quantisation of ``float_onnx``'s linear layers (``onnxruntime.quantization``).
+
+    Weights become int8 once; activations are quantised to uint8 at run time, per tensor. This is Hugging
+    Face Optimum's ``avx512_vnni`` dynamic recipe (u8 x s8 products run on VNNI), what CPU users try first.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+def agreement(int8: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """How closely a quantised model follows its float model on the same examples: the share of equal
+    predictions (classification; None for regression) and the largest logit difference."""
+    diff = float(np.max(np.abs(int8.astype(np.float64) - reference))) if int8.size else 0.0
+    same = None
+    if reference.ndim == 2 and reference.shape[1] > 1 and len(reference):
+        same = float(np.mean(int8.argmax(axis=1) == reference.argmax(axis=1)))
+    return {"agreement": same, "max_logit_diff": diff, "examples": len(reference)}
+
+
 @torch.inference_mode()
 def saved_logits(path: Path, batch: dict[str, torch.Tensor], expected_class: str) -> np.ndarray:
     """Logits of the model saved at ``path``, loaded as a user would (the Auto class)."""
@@ -148,6 +188,24 @@ def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATOL
     if not diff <= atol:
         raise ExportMismatch(f"{name}: logits differ from the reference by {diff:.3g} (> {atol:g})")
     return diff
+
+
+def check_int8(float_onnx: Path, out: Path, dev: TokenizedSplit, min_agreement: float) -> dict[str, Any]:
+    """Quantise ``float_onnx`` into ``out`` and compare the two on ``dev``; raise :class:`ExportMismatch`
+    when they agree on fewer than ``min_agreement`` of the predictions."""
+    from dynaflow.evaluation.machine import available_cpus
+    from dynaflow.evaluation.scoring import predict
+
+    quantize_int8(float_onnx, out)
+    threads = available_cpus()
+    int8, reference = (predict(onnx_logits_fn(path, threads), dev) for path in (out, float_onnx))
+    check = agreement(int8, reference)
+    if check["agreement"] is not None and check["agreement"] < min_agreement:
+        raise ExportMismatch(
+            f"int8 model {out.name}: predicts as the float model on {check['agreement']:.1%} of "
+            f"{check['examples']} dev examples, below evaluate.int8_min_agreement = {min_agreement:.1%}"
+        )
+    return check
 
 
 def _arch_cell(value: Any) -> str:
@@ -200,6 +258,13 @@ def model_card(info: Mapping[str, Any]) -> str:
         )
     if info.get("memory_mb") is not None:
         lines.append(f"| peak memory | {info['memory_mb']:.1f} MiB |")
+    if q := info.get("int8"):
+        agree = "on" if q["agreement"] is None else f"predicts as the float model on {q['agreement']:.2%} of"
+        own = "; the score, latency and memory above are its own" if info.get("precision") == "int8" else ""
+        lines.append(
+            f"| int8 (`{q['file']}`) | {agree} {q['examples']} dev examples, max abs logit difference "
+            f"{q['max_logit_diff']:.3g}{own} |"
+        )
     if info.get("budget"):
         lines.append(f"| budget | {info['budget']} |")
     where = info.get("path") or "THIS_DIR"
@@ -227,16 +292,17 @@ def model_card(info: Mapping[str, Any]) -> str:
         "```",
     ]
     if info.get("onnx"):
+        shipped = INT8_FILE if info.get("precision") == "int8" else ONNX_FILE
         lines += [
             "",
-            "ONNX Runtime (`model.onnx`; inputs `input_ids`, `attention_mask`, `token_type_ids`, int64):",
+            f"ONNX Runtime (`{shipped}`; inputs `input_ids`, `attention_mask`, `token_type_ids`, int64):",
             "",
             "```python",
             "import onnxruntime as ort",
             "from transformers import AutoTokenizer",
             "",
             f'tok = AutoTokenizer.from_pretrained("{where}"{trust})',
-            f'session = ort.InferenceSession("{where}/model.onnx")',
+            f'session = ort.InferenceSession("{where}/{shipped}")',
             'enc = tok(["a charming and funny film"], return_tensors="np")',
             'logits = session.run(None, {k: enc[k].astype("int64") for k in '
             '("input_ids", "attention_mask", "token_type_ids")})[0]',
@@ -257,13 +323,19 @@ def export_candidate(
     onnx_file: Path | None = None,
     opset: int = 17,
     exporter: str = "torchscript",
+    int8_dev: TokenizedSplit | None = None,
+    min_agreement: float = 0.95,
 ) -> dict[str, Any]:
     """Build ``candidate``, check it, publish it at ``out_dir``; return the summary (also ``export.json``).
 
     Everything is written to a temporary directory next to ``out_dir``, loaded back and compared with the
     candidate's reference; ``out_dir`` is replaced only when every check passed. ``onnx_file``: an already
-    exported (and checked) ONNX file of this candidate to reuse.
+    exported (and checked) ONNX file of this candidate to reuse. ``int8_dev``: also ship the int8 model
+    (``model.int8.onnx``, beside the float ``model.onnx``), checked on these dev examples: it must predict as
+    the float model on at least ``min_agreement`` of them (classification).
     """
+    if int8_dev is not None and not onnx:
+        raise ValueError("an int8 export is quantised from the ONNX model: onnx must be true")
     out_dir = Path(out_dir)
     model = candidate.build().eval()
     if labels:
@@ -300,6 +372,9 @@ def export_candidate(
                 export_onnx(model, target, opset=opset, exporter=exporter)
             summary["diff_onnx"] = check_close("ONNX export", onnx_logits(target, batch), want)
             summary["onnx"] = ONNX_FILE
+        if int8_dev is not None:
+            check = check_int8(target, tmp / INT8_FILE, int8_dev, min_agreement)
+            summary["int8"] = {"file": INT8_FILE, **check}
         summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["README.md", "export.json"]
         (tmp / "README.md").write_text(model_card(summary))
         (tmp / "export.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

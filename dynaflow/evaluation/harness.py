@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from dynaflow.data.splits import TokenizedSplit
 from dynaflow.evaluation import hardware
 from dynaflow.evaluation.candidates import Batch, Candidate, counted_flops
 from dynaflow.evaluation.export import check_close, export_onnx, model_logits, onnx_logits
-from dynaflow.evaluation.machine import BUSY_CORES, machine_info
+from dynaflow.evaluation.machine import BUSY_CORES, available_cpus, machine_info
 from dynaflow.evaluation.scoring import evaluate, hf_logits
 from dynaflow.evaluation.selection import fits
 
@@ -43,9 +44,16 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+INT8_SUFFIX = "-int8"  # an int8 variant's name: the candidate's, plus this (MLflow-safe in metric keys)
+
+
 @dataclass
 class Prepared:
-    """A candidate built, dev-scored and saved: ready to time on every profile."""
+    """A candidate built, dev-scored and saved: ready to time on every profile.
+
+    ``precision`` int8: the candidate's ONNX model quantised (``onnx_path`` is the int8 file, ``scores`` its
+    own dev scores, ``int8`` how it agrees with the float model); it runs on ONNX Runtime CPU profiles only.
+    """
 
     candidate: Candidate
     model: torch.nn.Module
@@ -53,12 +61,47 @@ class Prepared:
     params: int
     hf_bytes: int  # model.safetensors as saved
     onnx_path: Path | None
+    precision: str = "float32"
+    int8: dict[str, Any] | None = None
+
+    def runs_on(self, profile: HardwareProfile) -> bool:
+        return self.precision == "float32" or int8_profile(profile)
+
+    def row_id(self) -> dict[str, Any]:
+        row = self.candidate.row_id() | {"precision": self.precision}
+        if self.precision == "int8":
+            row |= {
+                "candidate": self.candidate.id + INT8_SUFFIX,
+                "name": self.candidate.name + INT8_SUFFIX,
+                "label": f"{row['label']} int8",
+                "base": self.candidate.id,  # the float candidate it is quantised from (export builds that)
+            }
+            row |= {f"int8_{k}": v for k, v in (self.int8 or {}).items()}
+        return row
 
     def gflops(self, seq_len: int) -> float:
         c = self.candidate
         if c.flops is not None:
             return c.flops(seq_len) / 1e9
         return counted_flops(self.model, self.model.config.vocab_size, seq_len) / 1e9
+
+
+def int8_profile(profile: HardwareProfile) -> bool:
+    """Profiles int8 variants are measured on: dynamic int8 (integer matmuls) is an ONNX Runtime CPU path."""
+    return profile.runtime == "onnxruntime" and profile.device == "cpu"
+
+
+def int8_variant(p: Prepared, task: str, dev: dict[str, TokenizedSplit], batch_size: int,
+                 float_logits: dict[str, np.ndarray]) -> Prepared:  # fmt: skip
+    """``p``'s ONNX model quantised to dynamic int8, dev-scored on its own predictions."""
+    from dynaflow.evaluation.export import INT8_FILE, agreement, onnx_logits_fn, quantize_int8
+
+    assert p.onnx_path is not None
+    path = quantize_int8(p.onnx_path, p.onnx_path.with_name(INT8_FILE))
+    logits: dict[str, np.ndarray] = {}
+    scores = evaluate(onnx_logits_fn(path, available_cpus()), task, dev, batch_size, logits)
+    check = agreement(np.concatenate(list(logits.values())), np.concatenate(list(float_logits.values())))
+    return Prepared(p.candidate, p.model, scores, p.params, p.hf_bytes, path, "int8", check)
 
 
 def reference_logits(candidate: Candidate, model: torch.nn.Module, batch: Batch) -> Any:
@@ -85,14 +128,17 @@ def prepare(
     work: Path,
     onnx: bool,
     check_batch: Batch,
+    int8: bool = False,
 ) -> list[Prepared]:
-    """Build, score (dev) and save every candidate once; ONNX too when a profile runs it (checked)."""
+    """Build, score (dev) and save every candidate once; ONNX too when a profile runs it (checked), and
+    its int8 variant (``int8``: quantised, dev-scored on its own predictions)."""
     prepared = []
     for c in tqdm(candidates, desc="build, score, export", unit="candidate", dynamic_ncols=True):
         started = time.perf_counter()
         model = c.build().eval()
         check_profiles(profiles, model.config, c.id)  # before the dev pass: a profile it cannot run
-        scores = evaluate(hf_logits(model), task, dev, cfg.eval_batch_size)
+        float_logits: dict[str, np.ndarray] = {}
+        scores = evaluate(hf_logits(model), task, dev, cfg.eval_batch_size, float_logits)
         where = work / c.id
         model.save_pretrained(where, safe_serialization=True)
         p = Prepared(
@@ -106,6 +152,10 @@ def prepare(
                 reference_logits(c, model, check_batch),
             )
         prepared.append(p)
+        if int8 and p.onnx_path is not None:
+            prepared.append(int8_variant(p, task, dev, cfg.eval_batch_size, float_logits))
+            log.info("%s int8: dev score %.4f, agrees with float32 on %s of dev", c.id,
+                     prepared[-1].scores["score"], prepared[-1].int8["agreement"])  # fmt: skip
         log.info(
             "%s: dev score %.4f, %.2f M params (%.1f s)",
             c.id,
@@ -134,7 +184,7 @@ def measure_profile(
     threads = hardware.resolve_threads(profile)
     inputs = hardware.synthetic_inputs(vocab_size, profile.batch_size, profile.seq_len)
     sync = torch.cuda.synchronize if profile.device == "cuda" else None
-    by_id = {p.candidate.id: p for p in prepared}
+    by_id = {p.row_id()["candidate"]: p for p in prepared if p.runs_on(profile)}
     with hardware.pinned_threads(threads):
         runs = {k: _runner(profile, p, inputs, threads, fresh=False) for k, p in by_id.items()}
         # One ONNX Runtime session per model, each with its own (spinning) thread pool: with several
@@ -155,7 +205,7 @@ def measure_profile(
         s = stats[k]
         file_bytes = p.onnx_path.stat().st_size if profile.runtime == "onnxruntime" and p.onnx_path else None
         row: dict[str, Any] = {
-            **p.candidate.row_id(),
+            **p.row_id(),
             "metric": p.scores["score"],
             "metrics": p.scores,
             "params": p.params,
@@ -251,7 +301,8 @@ def results_document(
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
             "budget_stat": cfg.budget_stat,
-            "latency": "inference mode, eval, float32, synthetic full-length batches, interleaved rounds",
+            "latency": "inference mode, eval, synthetic full-length batches, interleaved rounds; float32, "
+            "and on ONNX Runtime CPU profiles dynamic int8 too (each variant dev-scored on its own outputs)",
             "memory": MEMORY_METHOD,
         },
         "machine": machine,
@@ -294,6 +345,7 @@ def measure(
     notes = profile_notes(profiles)
     measured = [p for p in profiles if notes[p.name] is None]
     onnx = any(p.runtime == "onnxruntime" for p in measured)
-    prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx=onnx, check_batch=check_batch)
+    int8 = cfg.int8 and any(int8_profile(p) for p in measured)
+    prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx, check_batch, int8)
     vocab_size = prepared[0].model.config.vocab_size
     return measure_entries(profiles, notes, prepared, cfg, vocab_size, machine_info())

@@ -34,6 +34,11 @@ def methods_of(rows: Sequence[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(r["method"] for r in rows))
 
 
+def family(row: dict[str, Any]) -> str:
+    """A plot's marker group: the method, its int8 variants apart (``dynabert int8``)."""
+    return row["method"] + (" int8" if row.get("precision") == "int8" else "")
+
+
 def plot_points(entry: dict[str, Any], stat: str = "median") -> list[dict[str, Any]]:
     """The points the profile's plot draws: one per measured candidate, with front and selection flags."""
     rows = entry.get("rows") or []
@@ -44,6 +49,7 @@ def plot_points(entry: dict[str, Any], stat: str = "median") -> list[dict[str, A
         {
             "candidate": r["candidate"],
             "method": r["method"],
+            "family": family(r),
             "label": r.get("label") or r["name"],
             "latency_ms": r[key],
             "metric": r["metric"],
@@ -66,12 +72,12 @@ def place_labels(ax: Any, points: Sequence[dict[str, Any]], colors: dict[str, st
     placed: list[Any] = []
     for p in sorted(points, key=lambda p: (p["latency_ms"], -p["metric"])):
         for spot in LABEL_SPOTS:
-            box = (text := _label(ax, p, colors[p["method"]], *spot)).get_window_extent(renderer)
+            box = (text := _label(ax, p, colors[p["family"]], *spot)).get_window_extent(renderer)
             if not any(box.overlaps(other) for other in placed):
                 break
             text.remove()
         else:
-            box = _label(ax, p, colors[p["method"]], *LABEL_SPOTS[0]).get_window_extent(renderer)
+            box = _label(ax, p, colors[p["family"]], *LABEL_SPOTS[0]).get_window_extent(renderer)
         placed.append(box)
     return placed
 
@@ -88,22 +94,22 @@ def pareto_plot(
     budget_stat: str = "p90",
     reference: dict[str, float | None] | None = None,
 ) -> None:
-    """Dev metric against the latency statistic the budget applies to, a marker per method (a faint bar
-    from the median to the p90), the front (all methods) joined by a line; the teacher, the chance score
-    and the quality floor as horizontal lines, candidates below the floor crossed out."""
+    """Dev metric against the latency statistic the budget applies to, a marker per method and precision
+    (a faint bar from the median to the p90), the front (all methods) joined by a line; the teacher, the
+    chance score and the quality floor as horizontal lines, candidates below the floor crossed out."""
     plt = pyplot()
     points = plot_points(entry, budget_stat)
     spread = {r["candidate"]: (r["latency_median_ms"], r["latency_p90_ms"]) for r in entry.get("rows") or []}
     profile, reference = entry["profile"], reference or {}
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     colors = {}
-    for i, method in enumerate(methods_of(entry.get("rows") or [])):
-        colors[method] = f"C{i}"
-        mine = [p for p in points if p["method"] == method]
+    for i, group in enumerate(dict.fromkeys(p["family"] for p in points)):
+        colors[group] = f"C{i}"
+        mine = [p for p in points if p["family"] == group]
         ax.hlines([p["metric"] for p in mine], [spread[p["candidate"]][0] for p in mine],
                   [spread[p["candidate"]][1] for p in mine], color=f"C{i}", alpha=0.35, lw=2)  # fmt: skip
         ax.scatter([p["latency_ms"] for p in mine], [p["metric"] for p in mine], marker=MARKERS[i % 8], s=34,
-                   color=f"C{i}", label=method, zorder=3)  # fmt: skip
+                   color=f"C{i}", label=group, zorder=3)  # fmt: skip
     front = sorted((p for p in points if p["on_front"]), key=lambda p: p["latency_ms"])
     ax.plot([p["latency_ms"] for p in front], [p["metric"] for p in front], "-", color="0.3", lw=1,
             label="Pareto front (all methods)", zorder=2)  # fmt: skip

@@ -35,15 +35,22 @@ def predict(logits_fn: LogitsFn, split: TokenizedSplit, batch_size: int = 128) -
 
 
 def evaluate(
-    logits_fn: LogitsFn, task: str, dev: dict[str, TokenizedSplit], batch_size: int = 128
+    logits_fn: LogitsFn,
+    task: str,
+    dev: dict[str, TokenizedSplit],
+    batch_size: int = 128,
+    logits_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Task metrics on every dev split; the first split's keys are bare, others are prefixed by split name.
 
     ``score`` is the task's main metric on the first dev split (what checkpoint selection sums).
+    ``logits_out``: filled with each split's logits (to compare two models' predictions).
     """
     metrics: dict[str, float] = {}
     for i, (name, split) in enumerate(dev.items()):
         logits = predict(logits_fn, split, batch_size)
+        if logits_out is not None:
+            logits_out[name] = logits
         predictions = logits[:, 0] if logits.shape[1] == 1 else logits
         result = compute_metrics(task, predictions, split.labels)
         if i == 0:
