@@ -296,7 +296,10 @@ def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_ro
     assert results["methods"] == ["dynabert"] and all(e["selection"] is None for e in results["profiles"])
     for entry in results["profiles"][:2]:
         rows = {point_name(r): r for r in entry["rows"]}
-        assert set(rows) == grid
+        # int8 variants on the ONNX Runtime CPU profile only
+        int8 = {f"{g}-int8" for g in grid} if entry["profile"]["runtime"] == "onnxruntime" else set()
+        assert set(rows) == grid | int8
+        rows = {k: r for k, r in rows.items() if k in grid}
         for r in rows.values():
             assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and r["repeats"] == 4
             assert 0 <= r["metric"] <= 1 and r["params"] > 0 and r["gflops_per_seq"] > 0 and r["file_mb"] > 0
@@ -304,13 +307,43 @@ def test_stage_measures_every_grid_point_per_profile(evaluated: Path, project_ro
         assert rows["w0.5_d0.5"]["params"] < rows["w1.0_d0.5"]["params"] < rows["w1.0_d1.0"]["params"]
         # the dev metric is computed once per sub-network and shared by the profiles
         assert {k: r["metric"] for k, r in rows.items()} == {
-            point_name(r): r["metric"] for r in results["profiles"][0]["rows"]
+            point_name(r): r["metric"] for r in results["profiles"][0]["rows"] if point_name(r) in grid
         }
     metrics = json.loads((project_root / "metrics" / "evaluate.json").read_text())
     assert metrics["profiles_measured"] == 2 and metrics["profiles_skipped"] == 1
     assert metrics["candidates"] == 4 and "dev.dynabert/w0.5_d0.5.acc" in metrics
+    assert "dev.dynabert/w0.5_d0.5-int8.acc" in metrics
+    assert "cpu1.dynabert/w0.5_d0.5-int8.latency_p90_ms" in metrics
     selection = json.loads((project_root / "metrics" / "select.json").read_text())
     assert 0 <= selection["cpu1.selected.acc"] <= 1
+
+
+def test_an_int8_rows_score_is_the_quantised_models_own(
+    evaluated: Path, project_root: Path, tmp_path: Path
+) -> None:
+    """Each int8 row: its own dev score (recomputed here from the quantised ONNX file), agreement with the
+    float model, a smaller file; ``base`` names the float candidate that export builds."""
+    from dynaflow.data.splits import load_split
+    from dynaflow.evaluation.export import agreement, onnx_logits_fn, quantize_int8
+    from dynaflow.evaluation.machine import available_cpus
+    from dynaflow.evaluation.scoring import predict
+    from stages import STAGES, Layout
+
+    cpu1 = load_results([evaluated])[0]["profiles"][0]
+    rows = {r["candidate"]: r for r in cpu1["rows"]}
+    params, layout = load_params(project_root / "params.yaml"), Layout(project_root)
+    dev = load_split(project_root / "data" / "prepared", "dev")
+    for c in STAGES["evaluate"].candidates(params, layout):
+        q, f = rows[c.id + "-int8"], rows[c.id]
+        assert q["precision"] == "int8" and f["precision"] == "float32" and q["base"] == c.id
+        float_onnx = export_onnx(c.build(), tmp_path / c.name / "model.onnx")
+        quantised = quantize_int8(float_onnx, tmp_path / c.name / "model.int8.onnx")
+        logits = {p: predict(onnx_logits_fn(p, available_cpus()), dev) for p in (float_onnx, quantised)}
+        own = float(np.mean(logits[quantised].argmax(1) == dev.labels))
+        assert q["metric"] == pytest.approx(own, abs=1e-12) and q["metrics"]["acc"] == q["metric"]
+        check = agreement(logits[quantised], logits[float_onnx])
+        assert q["int8_agreement"] == pytest.approx(check["agreement"]) and q["int8_examples"] == len(dev)
+        assert q["file_mb"] < f["file_mb"] and q["params"] == f["params"]
 
 
 def test_absent_device_is_skipped_with_a_note(evaluated: Path, project_root: Path) -> None:
@@ -343,10 +376,13 @@ def test_report_and_plots_have_one_point_per_grid_cell(selected: Path) -> None:
         assert (selected / f"pareto_{name}.png").stat().st_size > 5000
         points = plot_points(entry)
         assert sorted(p["candidate"] for p in points) == sorted(r["candidate"] for r in entry["rows"])
-        assert len(points) == 4 and any(p["on_front"] for p in points)
+        int8 = name == "cpu1"  # ONNX Runtime on the CPU: every grid point also as int8, its own marker group
+        assert len(points) == (8 if int8 else 4) and any(p["on_front"] for p in points)
+        assert {p["family"] for p in points} == ({"dynabert", "dynabert int8"} if int8 else {"dynabert"})
         assert sum(p["selected"] for p in points) == (1 if entry["selection"]["row"] else 0)
-    # a table row per grid point and measured profile (the selected one in bold)
-    assert report.count("| dynabert/w") + report.count("| **dynabert/w") == 8
+    # a table row per grid point (and int8 variant) and measured profile (the selected one in bold)
+    assert report.count("| dynabert/w") + report.count("| **dynabert/w") == 12
+    assert "teacher: 8 held-out training rows" in report  # what chose the teacher's weights
 
 
 def test_selection_exports_within_budget_only(selected: Path, project_root: Path) -> None:
@@ -364,7 +400,11 @@ def test_selection_exports_within_budget_only(selected: Path, project_root: Path
     assert "latency (ms per batch)" in card and "dev acc" in card
     assert not (selected / "exports" / "cpu_all").exists()
     per_profile = json.loads((project_root / "metrics" / "eval_cpu1.json").read_text())
-    assert per_profile["selected"]["candidate"] == chosen["candidate"] and per_profile["candidates"] == 4
+    assert per_profile["selected"]["candidate"] == chosen["candidate"] and per_profile["candidates"] == 8
+    if chosen["precision"] == "int8":  # the int8 model ships beside the float one, checked against it on dev
+        assert (export / "model.int8.onnx").is_file() and (export / "model.onnx").is_file()
+        assert summary["int8"]["agreement"] >= 0.95 and summary["int8"]["examples"] == 16
+        assert "model.int8.onnx" in card and summary["precision"] == "int8"
 
 
 def test_cli_report_merges_a_profile_measured_elsewhere(selected: Path, project_root: Path,
@@ -414,10 +454,13 @@ def test_theseus_points_join_the_selection_beside_equal_depth(
     assert results["methods"] == ["theseus"]
     assert [e["status"] for e in results["profiles"]] == ["measured", "measured", "skipped"]
     for entry in results["profiles"][:2]:
-        (r,) = entry["rows"]
+        r, *int8 = entry["rows"]  # cpu1 (ONNX Runtime, CPU) also has the int8 variant
         assert (r["method"], r["layers"], r["depth"], r["width"]) == ("theseus", 1, 0.5, 1.0)
         assert 0 < r["latency_median_ms"] <= r["latency_p90_ms"] and r["candidate"] == "theseus/L1"
-    grid_rows = {point_name(r): r for r in load_results([evaluated])[0]["profiles"][0]["rows"]}
+        on_ort_cpu = entry["profile"]["name"] == "cpu1"
+        assert [q["candidate"] for q in int8] == (["theseus/L1-int8"] if on_ort_cpu else [])
+    grid_rows = {point_name(r): r for r in load_results([evaluated])[0]["profiles"][0]["rows"]
+                 if r["precision"] == "float32"}  # fmt: skip
     # a plain 1-layer BERT has the size of the DynaBERT sub-network at full width, half depth
     assert results["profiles"][0]["rows"][0]["params"] == grid_rows["w1.0_d0.5"]["params"]
     assert results["profiles"][0]["rows"][0]["gflops_per_seq"] == grid_rows["w1.0_d0.5"]["gflops_per_seq"]
@@ -428,8 +471,9 @@ def test_theseus_points_join_the_selection_beside_equal_depth(
     assert merged["methods"] == ["dynabert", "theseus"]
     text = (project_root / "artifacts" / "selection" / "report.md").read_text()
     for entry in merged["profiles"][:2]:
-        assert sorted(r["candidate"] for r in entry["rows"]) == sorted([*(f"dynabert/{n}" for n in grid_rows),
-                                                                       "theseus/L1"])  # fmt: skip
+        names = [*(f"dynabert/{n}" for n in grid_rows), "theseus/L1"]
+        names += [f"{n}-int8" for n in names] if entry["profile"]["name"] == "cpu1" else []
+        assert sorted(r["candidate"] for r in entry["rows"]) == sorted(names)
     assert text.count("| theseus/L1 | 1 | theseus | ") == 2  # the equal-depth table, once per profile
     assert text.count("| dynabert/w1.0_d0.5 | 1 | dynabert | ") == 2
     assert "| dynabert/w1.0_d1.0 | 2 |" not in text  # only equal depths side by side
@@ -639,7 +683,7 @@ def test_plot_labels_do_not_collide() -> None:
     from dynaflow.evaluation.report import place_labels
 
     # Four sub-networks almost on top of each other (as 0.25/0.5 and 0.25/0.75 were on cpu1).
-    points = [{"label": f"0.25/{d}", "latency_ms": 2.0 + i * 0.01, "metric": 0.80 + i * 0.001, "method": "m"}
+    points = [{"label": f"0.25/{d}", "latency_ms": 2.0 + i * 0.01, "metric": 0.80 + i * 0.001, "family": "m"}
               for i, d in enumerate((0.5, 0.75, 1.0, 0.6))]  # fmt: skip
     fig, ax = plt.subplots()
     ax.scatter([p["latency_ms"] for p in points], [p["metric"] for p in points])

@@ -39,9 +39,10 @@ CPU1 = {
 
 
 def write_project(root: Path, backbone: Path, **evaluate: Any) -> Params:
-    """A project with the data stage run for real and the given ``evaluate`` settings (cpu1 only)."""
+    """A project with the data stage run for real and the given ``evaluate`` settings (cpu1 only; float32
+    candidates only unless ``int8=True``: these tests are about methods and budgets)."""
     glue = write_sst2(root / "glue")
-    settings = {"warmup": 1, "repeats": 10, "profiles": [CPU1], **evaluate}
+    settings = {"warmup": 1, "repeats": 10, "profiles": [CPU1], "int8": False, **evaluate}
     raw = tiny_params(backbone, glue) | {"widths": [1.0, 0.5], "depths": [1.0], "evaluate": settings}
     (root / "params.yaml").write_text(yaml.safe_dump(Params.model_validate(raw).model_dump(mode="json")))
     params = load_params(root / "params.yaml")
@@ -116,7 +117,7 @@ def test_a_method_registered_in_a_test_is_measured_selected_exported_and_reporte
 ) -> None:
     from stages import code_modules
 
-    params = write_project(tmp_path, tiny_backbone, quality_floor=False)
+    params = write_project(tmp_path, tiny_backbone, quality_floor=False, int8=True)
     layout = Layout(tmp_path)
     assert flow_stages(METHOD) == ["data", "teacher", "plain", "plain_eval", "select"]
     assert "tests.test_methods" in code_modules("plain_eval")  # its own code is in its cache key
@@ -126,15 +127,16 @@ def test_a_method_registered_in_a_test_is_measured_selected_exported_and_reporte
     selection = load_results([layout.out("select")])[0]
     assert selection["methods"] == [METHOD]
     (cpu1,) = selection["profiles"]
-    assert [r["candidate"] for r in cpu1["rows"]] == ["plain/L1"]
-    assert cpu1["selection"]["status"] == "selected" and cpu1["selection"]["row"]["candidate"] == "plain/L1"
+    assert [r["candidate"] for r in cpu1["rows"]] == ["plain/L1", "plain/L1-int8"]  # int8 comes for free
+    chosen = cpu1["selection"]["row"]
+    assert cpu1["selection"]["status"] == "selected" and chosen.get("base", chosen["candidate"]) == "plain/L1"
     export = tmp_path / "artifacts" / "selection" / "exports" / "cpu1"
     assert BertForSequenceClassification.from_pretrained(export).config.num_hidden_layers == 1
     assert (export / "model.onnx").is_file() and not (export / "modeling_elastic_bert.py").exists()
     card = (export / "README.md").read_text()
     assert "`plain/L1` (plain)" in card and "trust_remote_code" not in card
     report, note = rebuild_report(tmp_path)
-    assert "methods plain" in note and "| **plain/L1** ★ | plain | 1 |" in report.read_text()
+    assert "methods plain" in note and f"| **{chosen['candidate']}** ★ | plain | 1 |" in report.read_text()
 
     # A new teacher: the method's measurement was made from the old one, so selection leaves it out.
     from stages.registry import gathered
