@@ -393,6 +393,23 @@ class ServeConfig(_Section):
         return value
 
 
+class ControlsConfig(_Section):
+    """Same-size controls for DynaBERT (`dynaflow controls`, bench/controls.py; not in any flow): grid cells
+    cut from the rewired teacher and distilled alone, to compare with the same cells of one DynaBERT run."""
+
+    cells: list[tuple[float, float]] = Field(
+        [(1.0, 0.5), (0.5, 0.5), (0.25, 0.5), (0.25, 1.0)],
+        min_length=1,
+        description="(width, depth) grid cells, each trained alone; each must be in widths x depths (checked "
+        "when the controls run: a grid change elsewhere need not edit this)",
+    )
+    budget: Literal["passes", "wall"] = Field(
+        "passes",
+        description="passes: as many training steps through the cell as DynaBERT's two distillation stages "
+        "gave it; wall: as long as those two stages took (all cells together)",
+    )
+
+
 class Params(_Section):
     seed: int = Field(42, ge=0)
     backbone: str = Field(
@@ -411,6 +428,7 @@ class Params(_Section):
     launch: LaunchConfig = LaunchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()
+    controls: ControlsConfig = ControlsConfig()
 
     @field_validator("widths", "depths")
     @classmethod

@@ -102,7 +102,10 @@ def distill(
     fingerprint: str,
     tracker: NullTracker,
     on_step: Any = None,
+    max_steps: int | None = None,
 ) -> dict[str, Any]:
+    """Distil ``student_dir`` from ``teacher_dir`` over the grid ``widths`` x ``depths`` (``depths`` is
+    ``[1.0]`` in the width phase); ``max_steps``: stop there (the same-size controls), else every epoch."""
     if phase not in ("width", "depth"):
         raise ValueError(f"phase must be 'width' or 'depth', got {phase!r}")
     import torch
@@ -128,7 +131,7 @@ def distill(
         p.requires_grad_(False)
     grid = SubnetGrid(tuple(widths), (1.0,) if phase == "width" else tuple(depths))
     teacher_width = getattr(cfg, "teacher_width", "full")
-    train_cfg = TrainConfig.from_section(cfg, seed)
+    train_cfg = TrainConfig.from_section(cfg, seed, max_steps=max_steps)
     cache = build_teacher_cache(teacher, train, grid, teacher_width, train_cfg) if cfg.teacher_cache else None
     step = DistillStep(
         student, teacher, SubnetSampler(grid, cfg.subnets, cfg.random_subnets, seed),
@@ -157,7 +160,7 @@ def distill(
         return select(at_step) if evaluate_now and at_step % cfg.eval_every == 0 else None
 
     def on_epoch_end(epoch: int) -> dict[str, float]:
-        at_step = epoch * steps_per_epoch
+        at_step = min(epoch * steps_per_epoch, max_steps or epoch * steps_per_epoch)  # the last may be cut
         if cfg.selection == "last" or (cfg.eval_every and at_step % cfg.eval_every == 0):
             return {}  # nothing to select, or just evaluated at this very step
         return select(at_step)

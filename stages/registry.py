@@ -213,6 +213,11 @@ def code_modules(name: str) -> tuple[str, ...]:
     return _closure(STAGES[name].module)
 
 
+def code_digest(module: str) -> dict[str, str]:
+    """Digest of every project module ``module`` imports and its own: the code part of a cache key."""
+    return {m: file_digest(module_file(m)) for m in _closure(module)}
+
+
 def module_file(module: str) -> Path:
     """A project module's source file (without importing it)."""
     spec = sys.modules.get(module)
@@ -271,11 +276,10 @@ def stage_key(name: str, params: Params, layout: Layout) -> str:
 def _key_and_gathered(name: str, params: Params, layout: Layout) -> tuple[str, tuple[str, ...]]:
     """(the stage's key, the gathered stages it was computed over): checking them is costly, done once."""
     stage = STAGES[name]
-    modules = code_modules(name)
     ingredients = {
         "stage": name,
         "code_version": CODE_VERSION,
-        "code": {m: file_digest(module_file(m)) for m in modules},
+        "code": code_digest(stage.module),
         "params": {s: _dump(params.section(s)) for s in stage.sections},
         "upstream": {u: manifest_digest(layout.out(u)) for u in stage.upstream},
         "external": {str(p): file_digest(p) for p in stage.external(params)},

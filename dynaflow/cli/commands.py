@@ -36,6 +36,7 @@ EPILOG = """examples:
   dynaflow export --width 0.5 --depth 0.5 --onnx   # any sub-network by hand -> exports/w0.5_d0.5/
   dynaflow report                           # rebuild the evaluation report from stored results
   dynaflow evaluate --profile gpu           # one hardware profile, on the machine that has it
+  dynaflow controls --budget passes         # DynaBERT cells distilled alone (same-size controls)
   dynaflow dvc-yaml --check                 # is dvc.yaml in step with the stage registry?
   dynaflow serve                            # elastic server: sub-network picked per batch for the SLO
   dynaflow loadtest --trace onoff:0.3c,1.5c,10   # open-loop load test of a running server

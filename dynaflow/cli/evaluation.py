@@ -133,8 +133,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_controls(args: argparse.Namespace) -> int:
+    from dynaflow.core.tracking import NullTracker, end_status, start_run
+    from stages.controls import run_controls
+
+    overrides = [*args.set, *([f"controls.budget={args.budget}"] if args.budget else [])]
+    params = load_params(args.params, overrides)
+    root = _root(args)
+    project_env(root)
+    tags = {"driver": "cli", "stage": "controls", "budget": params.controls.budget}
+    tracker = NullTracker() if args.no_track else start_run(root, f"controls-{params.controls.budget}", tags)
+    try:
+        summary = run_controls(params, root, tracker)
+    except BaseException as exc:
+        tracker.end(end_status(exc))
+        raise
+    tracker.end()
+    metric = summary["main_metric"]
+    print(f"same-size controls ({summary['budget']}), dev {metric}: DynaBERT's cell | trained alone | steps")
+    for name, cell in summary["cells"].items():
+        print(f"  {name}: {cell['dynabert_dev']['score']:.4f} | {cell['dev']['score']:.4f} | {cell['steps']} "
+              f"(DynaBERT: {sum(cell['passes_in_dynabert'].values())})")  # fmt: skip
+    print(f"report with the controls: {summary['report']}")
+    return 0
+
+
 def add_commands(sub: Any, common: Callable[..., None]) -> None:
-    """Register the three commands on the ``dynaflow`` parser's subcommands."""
+    """Register the evaluation commands on the ``dynaflow`` parser's subcommands."""
     p = sub.add_parser("export", help="export one sub-network (HF dir, optional ONNX), checked, with a card")
     common(p, writes=True)
     p.add_argument("--width", type=float, required=True, help="width multiplier, e.g. 0.5")
@@ -160,3 +185,11 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--profile", required=True, help="a name from params.yaml evaluate.profiles")
     p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "controls", help="same-size controls: DynaBERT grid cells distilled alone, measured and reported"
+    )
+    common(p, writes=True)
+    p.add_argument("--budget", choices=("passes", "wall"), help="= --set controls.budget=...")
+    p.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
+    p.set_defaults(func=cmd_controls)

@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_steps: int = 0  # 0: checkpoint only at the end of each epoch
     log_every: int = 10
     precision: str = "fp32"  # auto | fp32 | bf16 (autocast of the step; see dynaflow.training.precision)
+    max_steps: int | None = None  # stop after this many steps (the schedule ends there); None: every epoch
 
     @classmethod
     def from_section(cls, section: Any, seed: int, **changes: Any) -> TrainConfig:
@@ -130,7 +131,8 @@ def fit(
     desc: str = "train",
     pad_id: int = 0,
 ) -> TrainResult:
-    """Train ``model`` for ``cfg.epochs`` epochs over ``train``; resume from ``checkpoint`` if it matches.
+    """Train ``model`` for ``cfg.epochs`` epochs over ``train`` (or ``cfg.max_steps`` steps, the last epoch
+    cut short; its end still calls ``on_epoch_end``); resume from ``checkpoint`` if it matches.
 
     ``cfg.batch_size`` is the global batch: with N processes each takes about 1/N of it.
     ``before_step(step, indices)`` is told, before each step, the number of steps already taken and the
@@ -143,7 +145,8 @@ def fit(
     model.to(dev)
     precision = mixed.resolve(cfg.precision, dev)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
+    epochs = -(-total // steps_per_epoch)  # the last one may be cut short by max_steps
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
     torch.manual_seed(cfg.seed + ddp.rank())  # rank 0 as one process; other ranks draw their own dropout
@@ -193,8 +196,9 @@ def fit(
     )
     log.info("%s: %d steps, batches of %d, %s", desc, total, cfg.batch_size, precision)
     model.train()
-    while epoch < cfg.epochs:
+    while epoch < epochs:
         batches = batch_order(len(train), cfg.batch_size, True, cfg.seed, epoch)
+        batches = batches[: total - epoch * steps_per_epoch]  # max_steps may end the last epoch early
         for b in range(done_in_epoch, len(batches)):
             start, stop = ddp.shard_bounds(len(batches[b]))
             losses: dict[str, float] = {}
