@@ -75,7 +75,7 @@ def fine_tune(
     # Imported here, as in every stage module: `dynaflow status` imports them all to read the declarations.
     import torch
 
-    from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+    from dynaflow.evaluation.scoring import epoch_end_selection, evaluate, hf_logits, load_dev
     from dynaflow.models.backbone import load_classifier
     from dynaflow.training.loop import TrainConfig, fit
     from dynaflow.training.selection import BestWeights, selection_split
@@ -94,20 +94,11 @@ def fine_tune(
         loss.backward()
         return {"loss": loss.item()}
 
-    chooser = selection_split(cfg.selection, data_dir, dev)
     best = BestWeights(model)
-    steps_per_epoch = -(-len(train) // cfg.batch_size)
-
-    def on_epoch_end(epoch: int) -> dict[str, float]:
-        metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
-        log.info("teacher epoch %d dev: %s", epoch, metrics)
-        logged = {f"dev.{k}": v for k, v in metrics.items()}
-        if chooser is not None:
-            chosen_by = metrics if chooser is dev else evaluate(hf_logits(model), meta["task"], chooser,
-                                                                 cfg.eval_batch_size)  # fmt: skip
-            best.offer(epoch * steps_per_epoch, chosen_by["score"])
-            logged["selection.score"] = chosen_by["score"]
-        return logged
+    on_epoch_end = epoch_end_selection(
+        model, meta["task"], dev, selection_split(cfg.selection, data_dir, dev), best,
+        -(-len(train) // cfg.batch_size), cfg.eval_batch_size, "teacher",
+    )  # fmt: skip
 
     train_cfg = TrainConfig.from_section(cfg, seed)
     result = fit(

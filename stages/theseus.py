@@ -62,7 +62,7 @@ def compress(
     import torch.nn.functional as F
     from transformers import BertForSequenceClassification
 
-    from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+    from dynaflow.evaluation.scoring import epoch_end_selection, evaluate, hf_logits, load_dev
     from dynaflow.methods.theseus.model import (
         build_theseus,
         check_divides,
@@ -116,20 +116,12 @@ def compress(
             on_step(at_step)
         return {"replacing_rate": rate, "replaced_modules": float(sum(gates))}
 
-    chooser = selection_split(cfg.selection, data_dir, dev)
+    # In eval mode every module is the successor's: the scores at epoch ends are those of what would ship.
     best = BestWeights(model)
-
-    def on_epoch_end(epoch: int) -> dict[str, float]:
-        # In eval mode every module is the successor's: these are the scores of what would ship.
-        metrics = evaluate(hf_logits(model), meta["task"], dev, cfg.eval_batch_size)
-        log.info("theseus epoch %d (successor) dev: %s", epoch, metrics)
-        logged = {f"dev.{k}": v for k, v in metrics.items()}
-        if chooser is not None:
-            chosen_by = metrics if chooser is dev else evaluate(hf_logits(model), meta["task"], chooser,
-                                                                 cfg.eval_batch_size)  # fmt: skip
-            best.offer(epoch * steps_per_epoch, chosen_by["score"])
-            logged["selection.score"] = chosen_by["score"]
-        return logged
+    on_epoch_end = epoch_end_selection(
+        model, meta["task"], dev, selection_split(cfg.selection, data_dir, dev), best, steps_per_epoch,
+        cfg.eval_batch_size, "theseus (successor)",
+    )  # fmt: skip
 
     train_cfg = TrainConfig.from_section(cfg, seed, epochs=cfg.epochs + cfg.finetune_epochs)
     result = fit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch
 
 from dynaflow.data.splits import TokenizedSplit, collate, load_split
 from dynaflow.evaluation.metrics import compute_metrics, main_score
+from dynaflow.training.selection import BestWeights
+
+log = logging.getLogger(__name__)
 
 LogitsFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -59,6 +63,33 @@ def evaluate(
         else:
             metrics.update({f"{name}.{k}": v for k, v in result.items()})
     return metrics
+
+
+def epoch_end_selection(
+    model: torch.nn.Module,
+    task: str,
+    dev: dict[str, TokenizedSplit],
+    chooser: dict[str, TokenizedSplit] | None,
+    best: BestWeights,
+    steps_per_epoch: int,
+    batch_size: int,
+    name: str,
+) -> Callable[[int], dict[str, float]]:
+    """``fit``'s ``on_epoch_end`` for a stage that chooses among epoch ends (teacher, Theseus): dev scores
+    logged, the weights offered to ``best`` at their score on ``chooser`` (dev itself is not scored twice;
+    None: nothing is chosen, the last weights stay)."""
+
+    def on_epoch_end(epoch: int) -> dict[str, float]:
+        metrics = evaluate(hf_logits(model), task, dev, batch_size)
+        log.info("%s epoch %d dev: %s", name, epoch, metrics)
+        logged = {f"dev.{k}": v for k, v in metrics.items()}
+        if chooser is not None:
+            chosen_by = metrics if chooser is dev else evaluate(hf_logits(model), task, chooser, batch_size)
+            best.offer(epoch * steps_per_epoch, chosen_by["score"])
+            logged["selection.score"] = chosen_by["score"]
+        return logged
+
+    return on_epoch_end
 
 
 def load_dev(data_dir: Path, dev_splits: list[str]) -> dict[str, TokenizedSplit]:
