@@ -27,7 +27,16 @@ from dynaflow.config import EvaluateConfig, HardwareProfile
 from dynaflow.data.splits import TokenizedSplit
 from dynaflow.evaluation import hardware
 from dynaflow.evaluation.candidates import Batch, Candidate, counted_flops
-from dynaflow.evaluation.export import check_close, export_onnx, model_logits, onnx_logits
+from dynaflow.evaluation.export import (
+    INT8_FILE,
+    agreement,
+    check_close,
+    export_onnx,
+    model_logits,
+    onnx_logits,
+    onnx_logits_fn,
+    quantize_int8,
+)
 from dynaflow.evaluation.machine import BUSY_CORES, available_cpus, machine_info
 from dynaflow.evaluation.scoring import evaluate, hf_logits
 from dynaflow.evaluation.selection import fits
@@ -94,8 +103,6 @@ def int8_profile(profile: HardwareProfile) -> bool:
 def int8_variant(p: Prepared, task: str, dev: dict[str, TokenizedSplit], batch_size: int,
                  float_logits: dict[str, np.ndarray]) -> Prepared:  # fmt: skip
     """``p``'s ONNX model quantised to dynamic int8, dev-scored on its own predictions."""
-    from dynaflow.evaluation.export import INT8_FILE, agreement, onnx_logits_fn, quantize_int8
-
     assert p.onnx_path is not None
     path = quantize_int8(p.onnx_path, p.onnx_path.with_name(INT8_FILE))
     logits: dict[str, np.ndarray] = {}
