@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench.common import run_and_report
+from common import run_and_report
+
 from dynaflow.config import load_params
 
 

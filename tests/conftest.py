@@ -154,7 +154,9 @@ def tiny_params(backbone: Path, glue_dir: Path, **teacher: object) -> dict:
         "backbone": str(backbone),
         "data": {"task": "sst2", "glue_dir": str(glue_dir), "max_seq_length": 16, "heldout_examples": 8},
         "teacher": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "learning_rate": 1e-3, **teacher},
-        "evaluate": {"warmup": 1, "repeats": 3},  # default profiles, few timed calls (tiny model)
+        # Default profiles, few timed calls (tiny model); float32 only: int8 variants add a third to every
+        # measurement, and tests/test_evaluate.py (its own evaluate section) covers them.
+        "evaluate": {"warmup": 1, "repeats": 3, "int8": False},
         "teacher_gate": {"on_fail": "warn"},  # a tiny teacher may sit at chance: plumbing is tested here
     }
 
