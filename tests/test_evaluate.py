@@ -539,6 +539,12 @@ def test_cli_export_any_grid_point(project_root: Path, tmp_path: Path, capsys: p
     for code in snippets:  # each runs as written (no prompt for remote code, the right paths)
         exec(compile(code, "model card", "exec"), {})
     assert "'label'" in capsys.readouterr().out  # the pipeline snippet printed its prediction
+    int8 = tmp_path / "int8"  # --int8: the quantised model beside the float one, checked on dev
+    argv = ["export", "--params", params, "--width", "0.5", "--depth", "1.0", "--int8", "--out", str(int8)]
+    assert main(argv) == 0
+    assert {"model.onnx", "model.int8.onnx"} <= {p.name for p in int8.iterdir()}
+    assert "int8 agrees on" in capsys.readouterr().out
+    assert json.loads((int8 / "export.json").read_text())["int8"]["examples"] == 16
     assert main(["export", "--params", params, "--width", "1.5", "--depth", "1.0"]) == 2
     assert "(0, 1]" in capsys.readouterr().err
 

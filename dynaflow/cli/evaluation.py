@@ -48,7 +48,7 @@ def _grid_metric(model_dir: Path, name: str) -> float | None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dynaflow.data.splits import TOKENIZER_DIR, read_task_meta
+    from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
     from dynaflow.evaluation.export import export_candidate, label_names, reference_batch
     from dynaflow.methods.dynabert.candidates import subnetwork
     from dynaflow.models.backbone import load_elastic
@@ -89,14 +89,18 @@ def cmd_export(args: argparse.Namespace) -> int:
             "memory_mb": row.get("memory_mb"),
         }  # fmt: skip
     tokenizer = data_dir / TOKENIZER_DIR
+    int8_dev = load_split(data_dir, meta["dev_splits"][0]) if args.int8 else None
     summary = export_candidate(
         candidate, out, tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
-        batch=reference_batch(data_dir, vocab_size=0), onnx=args.onnx, labels=label_names(meta),
+        batch=reference_batch(data_dir, vocab_size=0), onnx=args.onnx or args.int8, labels=label_names(meta),
         card=card, opset=params.evaluate.onnx_opset, exporter=params.evaluate.onnx_exporter,
+        int8_dev=int8_dev, min_agreement=params.evaluate.int8_min_agreement,
     )  # fmt: skip
     checks = f"max |Δ logit| HF {summary['diff_hf']:.2g}" + (
         f", ONNX {summary['diff_onnx']:.2g}" if "diff_onnx" in summary else ""
     )
+    if q := summary.get("int8"):
+        checks += f"; int8 agrees on {q['agreement']:.1%} of dev" if q["agreement"] is not None else ""
     print(f"exported {candidate.name} ({summary['params'] / 1e6:.2f} M params; {checks}) to {out}")
     return 0
 
@@ -165,6 +169,9 @@ def add_commands(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--width", type=float, required=True, help="width multiplier, e.g. 0.5")
     p.add_argument("--depth", type=float, required=True, help="depth multiplier, e.g. 0.75")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx (checked with ONNX Runtime)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx (dynamic int8, checked against the float model on dev; "
+                   "implies --onnx)")  # fmt: skip
     p.add_argument("--out", help="output directory (default: exports/w<W>_d<D>)")
     p.add_argument("--model", help="elastic model directory (default: the depth_kd output)")
     p.add_argument("--data", help="data stage output (default: data/prepared)")
