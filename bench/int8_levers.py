@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     times[t].append(time.perf_counter() - start)
             rows = {}
             for t, p in files.items():
-                acc = float(np.mean(predict(onnx_logits_fn(p, 2), dev).argmax(1) == dev.labels))
+                acc = float(np.mean(predict(onnx_logits_fn(p, 2), dev, 1).argmax(1) == dev.labels))  # batch 1
                 median, p90 = float(np.median(times[t])), float(np.percentile(times[t], 90))
                 speedup = float(np.median(times["float32"])) / median
                 rows[t] = {"acc": acc, "median_ms": 1e3 * median, "p90_ms": 1e3 * p90, "speedup": speedup}

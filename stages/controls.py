@@ -1,12 +1,12 @@
 """Same-size controls for DynaBERT: each chosen grid cell distilled alone, measured like every candidate.
 
 Not a flow stage and not in dvc.yaml (a bench, hours on a CPU): ``dynaflow controls`` (and
-``bench/controls.py``, which runs both budgets) calls :func:`run_controls` after the DynaBERT flow has run.
+``bench/controls.py``, one run per budget it is given) calls :func:`run_controls` after the DynaBERT flow.
 What a control is and how its budget is counted: :mod:`dynaflow.methods.dynabert.controls`.
 
 Outputs, per budget (``controls.budget``): ``artifacts/controls/<budget>/<cell>/`` (the control model, its
 ``grid.json`` and ``control.json``; cached by a key over the DynaBERT stages it is compared with, its params
-and its code), ``results.json`` and ``report.md`` (the controls measured on every hardware profile), and
+and its code), ``results.json`` (the controls measured on every hardware profile), ``summary.json``, and
 ``reports/controls/<budget>/``: the selection's report with the controls added as a family of their own.
 """
 
@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from dynaflow.core.artifacts import (
 from dynaflow.core.errors import DynaflowError
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import load_split
-from dynaflow.methods.dynabert.controls import METHOD, cell_name, passes_in_dynabert
+from dynaflow.methods.dynabert.controls import METHOD, cell_name, passes_in_dynabert, stage_steps
 from stages.measure import chosen_on, measure_into
 from stages.registry import CODE_VERSION, Layout, code_digest
 
@@ -41,6 +43,7 @@ OUT = "artifacts/controls"
 REPORTS = "reports/controls"
 # What a control is compared with and made from: their outputs are in its key.
 COMPARED_WITH = ("data", "teacher", "rewire", "augment", "width_kd", "depth_kd")
+COUNTED = ("width_kd", "depth_kd")  # the DynaBERT stages whose steps a control's budget counts
 PILOT_STEPS = 5  # wall budget: steps timed to convert DynaBERT's seconds into the control's steps
 CONTROL_FILE = "control.json"
 
@@ -83,8 +86,11 @@ def train_control(params: Params, layout: Layout, cell: tuple[float, float], tra
         log.info("control %s (%s): cached in %s", name, budget, out)
         return json.loads((out / CONTROL_FILE).read_text())
     train_examples = len(load_split(layout.out("augment"), "train"))
-    passes = passes_in_dynabert(cell, params.widths, params.depths, params.width_kd, params.depth_kd,
-                                train_examples, params.seed)  # fmt: skip
+    count = partial(passes_in_dynabert, cell, params.widths, params.depths, params.width_kd, params.depth_kd,
+                    seed=params.seed)  # fmt: skip
+    passes = count(stage_steps(params.width_kd, params.depth_kd, train_examples))
+    if not sum(passes.values()):
+        raise ConfigError(f"controls.cells: DynaBERT never trained {name} (its sampler never drew it)")
     cfg = params.depth_kd.model_copy(
         update={"subnets": "all", "teacher_width": "full", "teacher_cache": False, "final_finetune_epochs": 0}
     )
@@ -98,25 +104,48 @@ def train_control(params: Params, layout: Layout, cell: tuple[float, float], tra
             out_dir=out_dir, work_dir=work, fingerprint=fingerprint, tracker=tracker, max_steps=steps,
         )  # fmt: skip
 
-    info: dict[str, Any] = {"cell": list(cell), "budget": budget, "passes_in_dynabert": passes}
+    kept = kept_steps(layout)
+    info: dict[str, Any] = {"cell": list(cell), "budget": budget, "passes_in_dynabert": passes,
+                            "passes_in_kept_weights": count(kept) if kept else None}  # fmt: skip
     if budget == "passes":
         steps = sum(passes.values())
     else:
         seconds = dynabert_seconds(layout)
-        with tempfile.TemporaryDirectory(prefix="dynaflow-control-pilot-") as pilot:
-            timed = train(PILOT_STEPS, Path(pilot) / "out", Path(pilot) / "work", "pilot")
-        per_step = timed["train_seconds"] / PILOT_STEPS
+        per_step = pilot_seconds_per_step(lambda n, where: train(n, where / "out", where / "work", "pilot"))
         steps = max(1, int(seconds / per_step))
         info |= {"dynabert_seconds": seconds, "pilot_seconds_per_step": per_step}
     log.info("control %s (%s): %d steps (DynaBERT trained it in %s steps)", name, budget, steps, passes)
+    work = layout.work(f"controls-{budget}-{name}")
     with staged_output(out) as tmp:
-        metrics = train(steps, tmp, layout.work(f"controls-{budget}-{name}"), key)
+        # The step count is in the fingerprint: a resumed wall-budget run whose pilot counted otherwise
+        # starts over instead of continuing another schedule.
+        metrics = train(steps, tmp, work, f"{key}:{steps}")
         info |= {k: metrics[k] for k in ("selected_step", "train_seconds")} | {"steps": steps}
         prefix = f"dev.{name}."
         info["dev"] = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
         atomic_write_json(tmp / CONTROL_FILE, info)
         write_manifest(tmp, key, {"control": name, "budget": budget})
+    shutil.rmtree(work, ignore_errors=True)  # its checkpoints: the output is in place
     return info
+
+
+def pilot_seconds_per_step(train: Any) -> float:
+    """Seconds per training step of a control: two short runs, ``PILOT_STEPS`` and twice that, differenced,
+    so that what each run pays once (loading, the epoch-end evaluation, the checkpoint) cancels out."""
+    seconds = []
+    for n in (PILOT_STEPS, 2 * PILOT_STEPS):
+        with tempfile.TemporaryDirectory(prefix="dynaflow-control-pilot-") as pilot:
+            seconds.append(train(n, Path(pilot))["train_seconds"])
+    return max(seconds[1] - seconds[0], 1e-6) / PILOT_STEPS
+
+
+def kept_steps(layout: Layout) -> dict[str, int] | None:
+    """The step whose weights each DynaBERT stage kept (its metrics' ``selected_step``; None when they were
+    not recorded here): the passes up to them trained the shipped sub-networks."""
+    try:
+        return {s: int(json.loads(layout.metrics(s).read_text())["selected_step"]) for s in COUNTED}
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return None
 
 
 def run_controls(params: Params, root: Path, tracker: NullTracker | None = None) -> dict[str, Any]:
@@ -145,7 +174,7 @@ def run_controls(params: Params, root: Path, tracker: NullTracker | None = None)
     ]
     cfg, data_dir = params.evaluate, layout.out("data")
     results = measure_into(candidates, METHOD, where, data_dir, cfg.profiles, cfg, layout.root, where,
-                           chosen_on("heldout", data_dir))  # fmt: skip
+                           chosen_on(params.depth_kd.selection, data_dir))  # fmt: skip
     sources = [layout.root / SELECT.out] if (layout.root / SELECT.out / "results.json").is_file() else []
     report, _ = rebuild_report(layout.root, [*sources, where], layout.root / REPORTS / budget)
     grid = json.loads((layout.out("depth_kd") / "grid.json").read_text())

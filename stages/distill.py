@@ -160,7 +160,7 @@ def distill(
         return select(at_step) if evaluate_now and at_step % cfg.eval_every == 0 else None
 
     def on_epoch_end(epoch: int) -> dict[str, float]:
-        at_step = min(epoch * steps_per_epoch, max_steps or epoch * steps_per_epoch)  # the last may be cut
+        at_step = epoch * steps_per_epoch if max_steps is None else min(epoch * steps_per_epoch, max_steps)
         if cfg.selection == "last" or (cfg.eval_every and at_step % cfg.eval_every == 0):
             return {}  # nothing to select, or just evaluated at this very step
         return select(at_step)

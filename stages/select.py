@@ -141,6 +141,7 @@ def select_and_export(
     # The teacher (the reference line, and the floor's anchor) chose its weights too: the report says how.
     merged.setdefault("checkpoints", {})["teacher"] = chosen_on(params.teacher.selection, data_dir)
     batch = reference_batch(data_dir, vocab_size=0)
+    least = cfg.int8_min_agreement  # regression tasks: no agreement share, no int8 row is held back
     for entry in merged["profiles"]:
         if entry["status"] != "measured":
             continue
@@ -153,8 +154,16 @@ def select_and_export(
                 if profile.has_budget
                 else None
             )
+        # An int8 variant that strays from its float model more than int8_min_agreement allows would fail
+        # its export check: it is not a candidate for shipping (it stays in the table and the plot).
+        strays = [r for r in entry["rows"] if (a := r.get("int8_agreement")) is not None and a < least]
+        for r in strays:
+            log.warning("%s: predicts as its float model on %.1f%% of dev, below evaluate.int8_min_agreement "
+                        "(%.1f%%): not shipped", r["candidate"], 100 * r["int8_agreement"],
+                        100 * cfg.int8_min_agreement)  # fmt: skip
+        eligible = [r for r in entry["rows"] if r not in strays]
         selection = select(
-            entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name, quality=floor
+            eligible, profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name, quality=floor
         )
         entry["selection"] = selection.as_dict()
         if selection.status == "below_quality":
@@ -274,7 +283,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         name = entry["profile"]["name"]
         points = plot_points(entry, stat) if entry["status"] == "measured" else []
         atomic_write_json(ctx.out / points_file(name), points)
+        shipped = (entry.get("selection") or {}).get("row") or {}
         if entry.get("export") and ctx.tracker.run_id:  # shipped: an MLflow model too (Models, registry)
+            if shipped.get("precision") == "int8":  # the MLflow model would run the float HF weights
+                log.info("%s ships an int8 ONNX model: no MLflow model logged (the export has it)", name)
+                continue
             from dynaflow.evaluation.mlflow_model import log_exported_model  # MLflow's import is costly
 
             log_exported_model(ctx.tracker, ctx.out / "exports" / name, name, pair)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from dynaflow.config import ConfigError, Params, load_params
-from dynaflow.methods.dynabert.controls import draws_with, passes_in_dynabert
+from dynaflow.methods.dynabert.controls import draws_with, passes_in_dynabert, stage_steps
 from dynaflow.methods.dynabert.distill import SubnetGrid, SubnetSampler
 from stages import Layout, run_stage
 from tests.conftest import tiny_params, write_sst2
@@ -32,7 +32,9 @@ def test_pass_counts_replay_the_sandwich_draws() -> None:
 
 def test_width_stage_passes_count_for_full_depth_cells_only() -> None:
     params = Params(data={"glue_dir": None})
-    both = [passes_in_dynabert(c, params.widths, params.depths, params.width_kd, params.depth_kd, 2000, 42)
+    steps = stage_steps(params.width_kd, params.depth_kd, 2000)
+    assert steps == {"width_kd": 63, "depth_kd": 189}
+    both = [passes_in_dynabert(c, params.widths, params.depths, params.width_kd, params.depth_kd, steps, 42)
             for c in ((0.5, 1.0), (0.5, 0.5))]  # fmt: skip
     assert both[0]["width_kd"] == 63 and both[1]["width_kd"] == 0  # 1 epoch of 2000 / 32, every width
     assert both[1]["depth_kd"] > 0 and both[0]["depth_kd"] > 0
@@ -74,6 +76,9 @@ def test_a_control_is_the_extracted_cell_trained_alone_for_its_passes(
     assert cells["w0.5_d0.5"]["passes_in_dynabert"] == {"width_kd": 0, "depth_kd": 12}
     assert cells["w1.0_d1.0"]["passes_in_dynabert"] == {"width_kd": 6, "depth_kd": 12}
     assert [cells[c]["steps"] for c in ("w0.5_d0.5", "w1.0_d1.0")] == [12, 18]
+    # what trained the weights DynaBERT kept: the smallest cell is drawn on every step up to the kept one
+    kept = json.loads(layout.metrics("depth_kd").read_text())["selected_step"]
+    assert cells["w0.5_d0.5"]["passes_in_kept_weights"] == {"width_kd": 0, "depth_kd": kept}
     assert (
         cells["w0.5_d0.5"]["dynabert_dev"]["score"]
         == json.loads((layout.out("depth_kd") / "grid.json").read_text())["w0.5_d0.5"]["score"]

@@ -338,7 +338,7 @@ def test_an_int8_rows_score_is_the_quantised_models_own(
         assert q["precision"] == "int8" and f["precision"] == "float32" and q["base"] == c.id
         float_onnx = export_onnx(c.build(), tmp_path / c.name / "model.onnx")
         quantised = quantize_int8(float_onnx, tmp_path / c.name / "model.int8.onnx")
-        logits = {p: predict(onnx_logits_fn(p, available_cpus()), dev) for p in (float_onnx, quantised)}
+        logits = {p: predict(onnx_logits_fn(p, available_cpus()), dev, 1) for p in (float_onnx, quantised)}
         own = float(np.mean(logits[quantised].argmax(1) == dev.labels))
         assert q["metric"] == pytest.approx(own, abs=1e-12) and q["metrics"]["acc"] == q["metric"]
         check = agreement(logits[quantised], logits[float_onnx])
@@ -728,3 +728,24 @@ def test_an_exported_candidate_is_an_mlflow_model_that_scores_texts(
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
     assert int(mlflow.register_model(uri, "dynaflow-cpu1").version) == 1  # the registry takes it
+
+
+def test_an_int8_variant_that_strays_from_its_float_model_is_not_shipped(
+    evaluated: Path, project_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Selection passes over an int8 row below evaluate.int8_min_agreement (its export check would fail)."""
+    from dynaflow.evaluation.report import merge_results
+    from stages import Layout
+    from stages.select import CandidateIndex, select_and_export
+
+    params = load_params(project_root / "params.yaml")
+    merged = merge_results(load_results([evaluated]))
+    for r in merged["profiles"][0]["rows"]:  # cpu1: every int8 variant now strays, and is the faster one
+        if r["precision"] == "int8":
+            r["int8_agreement"], r["metric"] = 0.5, 1.0
+    find = CandidateIndex(params, Layout(project_root), {"dynabert": "evaluate"})
+    out = select_and_export(merged, params, Layout(project_root), tmp_path, Path("exports"), find)
+    chosen = out["profiles"][0]["selection"]["row"]
+    assert chosen["precision"] == "float32" and (tmp_path / "exports" / "cpu1" / "model.onnx").is_file()
+    assert not (tmp_path / "exports" / "cpu1" / "model.int8.onnx").exists()
+    assert "below evaluate.int8_min_agreement" in caplog.text

@@ -29,6 +29,7 @@ from dynaflow.evaluation import hardware
 from dynaflow.evaluation.candidates import Batch, Candidate, counted_flops
 from dynaflow.evaluation.export import (
     INT8_FILE,
+    INT8_SCORING_BATCH,
     agreement,
     check_close,
     export_onnx,
@@ -100,13 +101,14 @@ def int8_profile(profile: HardwareProfile) -> bool:
     return profile.runtime == "onnxruntime" and profile.device == "cpu"
 
 
-def int8_variant(p: Prepared, task: str, dev: dict[str, TokenizedSplit], batch_size: int,
+def int8_variant(p: Prepared, task: str, dev: dict[str, TokenizedSplit],
                  float_logits: dict[str, np.ndarray]) -> Prepared:  # fmt: skip
-    """``p``'s ONNX model quantised to dynamic int8, dev-scored on its own predictions."""
+    """``p``'s ONNX model quantised to dynamic int8, dev-scored on its own predictions, one example at a
+    time (``export.INT8_SCORING_BATCH``: its logits depend on its batch)."""
     assert p.onnx_path is not None
     path = quantize_int8(p.onnx_path, p.onnx_path.with_name(INT8_FILE))
     logits: dict[str, np.ndarray] = {}
-    scores = evaluate(onnx_logits_fn(path, available_cpus()), task, dev, batch_size, logits)
+    scores = evaluate(onnx_logits_fn(path, available_cpus()), task, dev, INT8_SCORING_BATCH, logits)
     check = agreement(np.concatenate(list(logits.values())), np.concatenate(list(float_logits.values())))
     return Prepared(p.candidate, p.model, scores, p.params, p.hf_bytes, path, "int8", check)
 
@@ -160,7 +162,7 @@ def prepare(
             )
         prepared.append(p)
         if int8 and p.onnx_path is not None:
-            prepared.append(int8_variant(p, task, dev, cfg.eval_batch_size, float_logits))
+            prepared.append(int8_variant(p, task, dev, float_logits))
             log.info("%s int8: dev score %.4f, agrees with float32 on %s of dev", c.id,
                      prepared[-1].scores["score"], prepared[-1].int8["agreement"])  # fmt: skip
         log.info(

@@ -145,7 +145,11 @@ def fit(
     model.to(dev)
     precision = mixed.resolve(cfg.precision, dev)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
-    total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        if cfg.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (None: every epoch), got {cfg.max_steps}")
+        total = min(total, cfg.max_steps)
     epochs = -(-total // steps_per_epoch)  # the last one may be cut short by max_steps
     optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
@@ -236,7 +240,7 @@ def fit(
         epoch, done_in_epoch = epoch + 1, 0
         if on_epoch_end is not None:
             metrics = on_epoch_end(epoch)
-            tracker.log_metrics(metrics, step=epoch * steps_per_epoch)
+            tracker.log_metrics(metrics, step=min(epoch * steps_per_epoch, total))
             model.train()
         save(epoch, 0)
     bar.close()

@@ -35,21 +35,25 @@ def draws_with(grid: SubnetGrid, rule: str, k: int, seed: int, steps: int, cell:
     return sum(pair in sampler.draw(step) for step in range(steps))
 
 
+def stage_steps(width_kd: Any, depth_kd: Any, train_examples: int) -> dict[str, int]:
+    """The training steps of DynaBERT's two stages (``width_kd``, ``depth_kd``)."""
+    return {
+        name: cfg.epochs * -(-train_examples // cfg.batch_size)
+        for name, cfg in (("width_kd", width_kd), ("depth_kd", depth_kd))
+    }
+
+
 def passes_in_dynabert(
     cell: tuple[float, float],
     widths: list[float],
     depths: list[float],
     width_kd: Any,
     depth_kd: Any,
-    train_examples: int,
+    steps: dict[str, int],
     seed: int,
 ) -> dict[str, int]:
-    """Steps in which DynaBERT trained ``cell``: the width stage trains full depth only, the depth stage
-    every cell it draws (all of them, or the sandwich rule's). Both replay the stages' own draws."""
-    steps = {
-        name: cfg.epochs * -(-train_examples // cfg.batch_size)
-        for name, cfg in (("width_kd", width_kd), ("depth_kd", depth_kd))
-    }
+    """Of each stage's first ``steps[stage]`` steps, those that trained ``cell``: the width stage trains full
+    depth only, the depth stage every cell it draws (all, or the sandwich rule's); their draws replayed."""
     width_grid, depth_grid = SubnetGrid(tuple(widths), (1.0,)), SubnetGrid(tuple(widths), tuple(depths))
     return {
         "width_kd": draws_with(
