@@ -10,6 +10,16 @@ from typing import Any
 from dynaflow.core.artifacts import atomic_write_json
 
 
+def project_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The arguments of a script that reads a trained project: ``--project`` (required) and ``--out``."""
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--project", type=Path, required=True, help="a project after `dynaflow run`")
+    parser.add_argument("--out", type=Path, help="write the raw result here (JSON)")
+    return parser
+
+
 def run_and_report(
     args: argparse.Namespace,
     run: Callable[[argparse.Namespace], dict[str, Any]],

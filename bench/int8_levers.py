@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import run_and_report
+from common import project_parser, run_and_report
 
 SETTINGS = {"int8": {}, "int8_reduce_range": {"reduce_range": True},
             "int8_per_channel_reduce_range": {"reduce_range": True, "per_channel": True}}  # fmt: skip
@@ -84,13 +84,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--project", type=Path, required=True, help="a project after `dynaflow run`")
+    parser = project_parser(__doc__)
     parser.add_argument("--points", nargs="+", default=["1.0,1.0", "0.25,0.75"], help="width,depth")
     parser.add_argument("--calls", type=int, default=100)
-    parser.add_argument("--out", type=Path)
     run_and_report(parser.parse_args(), run, markdown)
 
 

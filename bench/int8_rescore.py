@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import run_and_report
+from common import project_parser, run_and_report
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,12 +53,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--project", type=Path, required=True, help="a project after `dynaflow run`")
-    parser.add_argument("--out", type=Path)
-    run_and_report(parser.parse_args(), run, markdown)
+    run_and_report(project_parser(__doc__).parse_args(), run, markdown)
 
 
 if __name__ == "__main__":
