@@ -63,7 +63,7 @@ def control_key(params: Params, layout: Layout, cell: tuple[float, float]) -> st
 def dynabert_seconds(layout: Layout) -> float:
     """How long DynaBERT's two distillation stages trained (their metrics, written when they ran)."""
     total = 0.0
-    for stage in ("width_kd", "depth_kd"):
+    for stage in COUNTED:
         path = layout.metrics(stage)
         try:
             total += float(json.loads(path.read_text())["train_seconds"])

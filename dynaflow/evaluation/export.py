@@ -130,10 +130,8 @@ def model_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> np.n
 
 
 def onnx_logits(path: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
-    from dynaflow.evaluation.hardware import ort_runner, ort_session
-
-    inputs = {k: v.numpy().astype(np.int64) for k, v in batch.items()}
-    return ort_runner(ort_session(path, threads=1), inputs)()
+    """An ONNX model's logits on one batch (one thread)."""
+    return onnx_logits_fn(path, threads=1)(batch).numpy()
 
 
 def onnx_logits_fn(path: Path, threads: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:

@@ -54,14 +54,13 @@ def passes_in_dynabert(
 ) -> dict[str, int]:
     """Of each stage's first ``steps[stage]`` steps, those that trained ``cell``: the width stage trains full
     depth only, the depth stage every cell it draws (all, or the sandwich rule's); their draws replayed."""
-    width_grid, depth_grid = SubnetGrid(tuple(widths), (1.0,)), SubnetGrid(tuple(widths), tuple(depths))
+    stages = {
+        "width_kd": (SubnetGrid(tuple(widths), (1.0,)), width_kd),
+        "depth_kd": (SubnetGrid(tuple(widths), tuple(depths)), depth_kd),
+    }
     return {
-        "width_kd": draws_with(
-            width_grid, width_kd.subnets, width_kd.random_subnets, seed, steps["width_kd"], cell
-        ),
-        "depth_kd": draws_with(
-            depth_grid, depth_kd.subnets, depth_kd.random_subnets, seed, steps["depth_kd"], cell
-        ),
+        stage: draws_with(grid, cfg.subnets, cfg.random_subnets, seed, steps[stage], cell)
+        for stage, (grid, cfg) in stages.items()
     }
 
 
