@@ -244,6 +244,42 @@ class TheseusConfig(_Section):
         return self
 
 
+class ConvBertStudentConfig(_Section):
+    """ConvBERT students: the rewired teacher cut into ``ConvBertForSequenceClassification`` (half the heads
+    become span-based dynamic convolutions), then distilled from the teacher with DynaBERT's losses."""
+
+    groups: list[int] = Field(
+        [1, 2], min_length=1, description="one student per entry: FFN groups (2 halves the FFN's weights)"
+    )
+    kernel_size: int = Field(9, ge=1, description="span of the dynamic convolution (odd; the paper's 9)")
+    epochs: int = Field(3, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="as DynaBERT's depth stage")
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lambda_logit: float = Field(1.0, ge=0, description="weight of the logit loss (SCE; MSE for regression)")
+    lambda_hidden: float = Field(1.0, ge=0, description="weight of the MSE on every hidden state")
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+    precision: Precision = precision_field()
+    selection: Selection = selection_field("student's main score at an epoch end")
+
+    @field_validator("groups")
+    @classmethod
+    def _distinct(cls, values: list[int]) -> list[int]:
+        if len(set(values)) != len(values) or min(values) < 1:
+            raise ValueError(f"groups must be distinct positive integers, got {values}")
+        return values
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a window centred on each token), got {value}")
+        return value
+
+
 class HardwareProfile(_Section):
     """One deployment target: where and how a sub-network runs, and the budget it must fit."""
 
@@ -425,6 +461,7 @@ class Params(_Section):
     width_kd: DistillConfig = DistillConfig()
     depth_kd: DepthDistillConfig = DepthDistillConfig()
     theseus: TheseusConfig = TheseusConfig()
+    convbert: ConvBertStudentConfig = ConvBertStudentConfig()
     launch: LaunchConfig = LaunchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()

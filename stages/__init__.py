@@ -51,6 +51,8 @@ STAGE_MODULES = (
     "evaluate",
     "theseus",
     "theseus_eval",
+    "convbert",
+    "convbert_eval",
     "select",
 )
 for _module in STAGE_MODULES:

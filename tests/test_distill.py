@@ -13,8 +13,9 @@ from transformers import BertConfig
 from dynaflow.config import Params
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.glue import read_split
-from dynaflow.methods.dynabert.distill import SubnetGrid, hidden_loss, make_distill_step, soft_cross_entropy
+from dynaflow.methods.dynabert.distill import SubnetGrid, make_distill_step
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
+from dynaflow.training.kd import hidden_loss, soft_cross_entropy
 from stages import data, distill, teacher
 from tests.conftest import poisoned_copy, tiny_params
 

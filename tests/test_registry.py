@@ -30,6 +30,9 @@ def test_closures_hold_the_modules_hand_kept_lists_had_missed() -> None:
     assert "dynaflow.methods.dynabert.distill" in code_modules("depth_kd")
     assert not any(m.startswith("dynaflow.methods.dynabert") for m in code_modules("theseus_eval"))
     assert not any(m.startswith("dynaflow.methods.theseus") for m in code_modules("evaluate"))
+    # ConvBERT distils with DynaBERT's losses through the shared module, not through DynaBERT's package
+    assert "dynaflow.training.kd" in set(code_modules("convbert")) & set(code_modules("depth_kd"))
+    assert not any(m.startswith("dynaflow.methods.dynabert") for m in code_modules("convbert"))
     assert not any(m.startswith(("flows", "dynaflow.cli")) for n in STAGES for m in code_modules(n))
 
 
@@ -126,13 +129,14 @@ def test_import_contracts_hold() -> None:
 
 
 def test_flows_come_from_the_registry() -> None:
-    assert flows() == ["dynaflow", "theseus", "compare"]
+    assert flows() == ["convbert", "dynaflow", "theseus", "compare"]
     assert flow_stages("compare") == list(STAGES)
-    for flow in ("dynaflow", "theseus"):
+    for flow in ("dynaflow", "theseus", "convbert"):
         names = flow_stages(flow)
         assert names[-1] == "select" and names[:2] == ["data", "teacher"]
     assert "theseus" not in flow_stages("dynaflow") and "depth_kd" not in flow_stages("theseus")
-    with pytest.raises(ValueError, match="flows: dynaflow, theseus, compare"):
+    assert "rewire" in flow_stages("convbert") and "width_kd" not in flow_stages("convbert")
+    with pytest.raises(ValueError, match="flows: convbert, dynaflow, theseus, compare"):
         flow_stages("nosuch")
 
 

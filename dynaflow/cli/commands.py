@@ -29,6 +29,7 @@ EPILOG = """examples:
   dynaflow run                              # the whole pipeline through Prefect, cached per stage
   dynaflow run --set teacher.epochs=3       # override any params.yaml key for this run
   dynaflow run --flow theseus               # BERT-of-Theseus: data, teacher, a successor of L/r layers
+  dynaflow run --flow convbert              # ConvBERT students cut from the rewired teacher, distilled
   dynaflow run --flow compare               # every method, every candidate on one front per profile
   dynaflow stage teacher                    # one stage, no Prefect (this is what `dvc repro` calls)
   dynaflow stage teacher --nproc 4          # data-parallel: 4 processes under torchrun (DDP, gloo/NCCL)
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--flow",
             default="dynaflow",
             help="dynaflow: the DynaBERT stages (default); theseus: data, teacher, BERT-of-Theseus; "
-            "compare: every registered method, selected together. Each flow ends with the select stage",
+            "convbert: data, teacher, rewire, ConvBERT students; compare: every registered method, "
+            "selected together. Each flow ends with the select stage",
         )
 
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow, reusing up-to-date stages")

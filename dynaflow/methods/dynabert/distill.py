@@ -24,34 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dynaflow.data.splits import TokenizedSplit, batch_order, collate
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification, hidden_layer_map
 from dynaflow.training import precision as mixed
+from dynaflow.training.kd import hidden_loss, logit_loss
 
 Note = Callable[[str], None]
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of -Σ softmax(teacher) · log_softmax(student)."""
-    return -(F.softmax(teacher_logits, dim=-1) * F.log_softmax(student_logits, dim=-1)).sum(-1).mean()
-
-
-def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, regression: bool) -> torch.Tensor:
-    if regression:
-        return F.mse_loss(student_logits, teacher_logits)
-    return soft_cross_entropy(student_logits, teacher_logits)
-
-
-def hidden_loss(
-    student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor], layer_map: Sequence[int]
-) -> torch.Tensor:
-    """Σ_j MSE(student_hidden[j], teacher_hidden[layer_map[j]])."""
-    if len(student_hidden) != len(layer_map):
-        raise ValueError(f"{len(student_hidden)} student hidden states but a layer map of {len(layer_map)}")
-    return sum(F.mse_loss(s, teacher_hidden[t]) for s, t in zip(student_hidden, layer_map, strict=True))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+"""ConvBERT students cut from the fine-tuned teacher and distilled (Jiang et al., 2020)."""
+
+METHOD = "convbert"

@@ -1,0 +1,26 @@
+"""ConvBERT as a Prefect flow of its own: data → teacher → rewire → convbert → convbert_eval → select.
+
+``dynaflow run --flow convbert`` runs the same flow body through :func:`flows.pipeline.run_flow`; this
+module is the entry point to deploy it on its own (``flows/convbert.py:convbert``). The data, teacher and
+rewire stages are the DynaBERT flow's, with the same keys: the flows share their outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import pipeline
+from stages import flow_stages
+
+
+@flow(name="convbert", log_prints=True)
+def convbert(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    until: str | None = None,
+    track: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Data, teacher, rewiring and the ConvBERT students, each reused while its inputs did not change."""
+    return pipeline.fn(params_path, overrides, until, track, stage_names=flow_stages("convbert"))
