@@ -171,12 +171,7 @@ def test_stage_end_to_end(project: Path, this_machine: None) -> None:
     """data -> teacher -> rewire -> convbert -> convbert_eval through the runner, two students."""
     params = load_params(
         project / "params.yaml",
-        [
-            "convbert.epochs=1",
-            "convbert.batch_size=8",
-            "convbert.learning_rate=1e-3",
-            "convbert.kernel_size=3",
-        ],
+        ["convbert.groups=[1,2]", "convbert.batch_size=8", "convbert.learning_rate=1e-3"],
     )
     layout = Layout(project)
     assert flow_stages("convbert") == ["data", "teacher", "rewire", "convbert", "convbert_eval", "select"]

@@ -1,0 +1,128 @@
+"""Every method's candidates measured in one harness run: the cross-method front per profile (issues 18, 19).
+
+    GLUE_DIR=../shared/data/glue python bench/front.py --project PROJECT --out bench/front.json [--set ...]
+
+The flow measures each method in its own stage, at different times; on a shared 2-core machine the same
+architecture can then measure tens of percent apart between two runs, which is enough to move a point on or
+off a front. Here DynaBERT's grid, the Theseus successor, the ConvBERT students of ``bench/convbert.py``
+and the same-size controls (``dynaflow controls --budget passes``), whichever the project has, are
+prepared together and timed in the same interleaved rounds, float32 and int8. Writes
+``PROJECT/reports/front/`` (report, plots, ``results.json``) and prints each profile's table and front.
+Selection here has no quality floor (``evaluate_profiles.py`` does the same); the flow's has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import project_parser, run_and_report
+
+from dynaflow.config import load_params
+
+REPORT = "reports/front"
+CONVBERT_BENCH = "artifacts/convbert-bench"  # bench/convbert.py's students
+CONTROLS = "artifacts/controls/passes"
+
+
+def collect(params: Any, root: Path) -> tuple[list[Any], dict[str, str]]:
+    """The candidates of every method the project has, and where each method's came from."""
+    from dynaflow.methods.convbert.candidates import student
+    from dynaflow.methods.dynabert import candidates as dynabert
+    from dynaflow.methods.dynabert.controls import cell_name, control_candidate
+    from dynaflow.methods.theseus import candidates as theseus
+    from dynaflow.models.backbone import load_elastic
+    from stages.convbert import student_name
+    from stages.registry import Layout
+
+    layout = Layout(root)
+    found, sources = [], {}
+    found += dynabert.grid(load_elastic(layout.out("depth_kd")).eval(), params.widths, params.depths)
+    sources["dynabert"] = str(layout.out("depth_kd"))
+    if (layout.out("theseus") / "metrics.json").is_file():
+        found.append(theseus.successor(layout.out("theseus")))
+        sources["theseus"] = str(layout.out("theseus"))
+    students = [root / CONVBERT_BENCH / student_name(g) for g in params.convbert.groups]
+    if all((s / "metrics.json").is_file() for s in students):
+        found += [student(s) for s in students]
+        sources["convbert"] = str(root / CONVBERT_BENCH)
+    cells = [root / CONTROLS / cell_name(c) for c in params.controls.cells]
+    if all((c / "config.json").is_file() for c in cells):
+        found += [
+            control_candidate(load_elastic(d).eval(), c, "passes")
+            for d, c in zip(cells, params.controls.cells, strict=True)
+        ]
+        sources["control"] = str(root / CONTROLS)
+    return found, sources
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dynaflow.core.artifacts import atomic_write_json
+    from dynaflow.data.splits import read_task_meta
+    from dynaflow.evaluation import machine
+    from dynaflow.evaluation.export import reference_batch
+    from dynaflow.evaluation.harness import measure, results_document
+    from dynaflow.evaluation.report import write_report
+    from dynaflow.evaluation.scoring import load_dev
+    from dynaflow.evaluation.selection import select
+
+    root = args.project.resolve()
+    params = load_params(root / "params.yaml", args.set)
+    cfg, data_dir = params.evaluate, root / "data" / "prepared"
+    candidates, sources = collect(params, root)
+    meta = read_task_meta(data_dir)
+    with tempfile.TemporaryDirectory(prefix="dynaflow-front-") as work:
+        entries = measure(candidates, cfg.profiles, meta["task"], load_dev(data_dir, meta["dev_splits"]), cfg,
+                          reference_batch(data_dir, vocab_size=0), Path(work))  # fmt: skip
+    results = results_document(list(sources), meta["task"], meta["main_metric"], sources, cfg,
+                               machine.machine_info(), entries)  # fmt: skip
+    for entry in results["profiles"]:
+        if entry["status"] == "measured":
+            profile = cfg.profile(entry["profile"]["name"])
+            chosen = select(
+                entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
+            )
+            entry["selection"] = chosen.as_dict()
+    out = root / REPORT
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    report = write_report(results, out)
+    return {"project": str(root), "overrides": args.set, "report": str(report), "results": results}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    from dynaflow.evaluation.report import profile_table
+
+    lines = []
+    for entry in result["results"]["profiles"]:
+        if entry["status"] != "measured":
+            continue
+        name = entry["profile"]["name"]
+        lines += [f"### {name} (foreign load {entry.get('foreign_load_cores', 0):.2f} cores)", "",
+                  entry["selection"]["message"], ""]  # fmt: skip
+        lines += profile_table(entry, result["results"]["main_metric"], "p90") + [""]
+        rows = sorted(entry["rows"], key=lambda r: (r["latency_p90_ms"], -r["metric"]))
+        front, best = [], float("-inf")
+        for r in rows:
+            if r["metric"] > best:
+                front.append(f"{r['candidate']} ({r['metric']:.4f}, {r['latency_p90_ms']:.1f} ms)")
+                best = r["metric"]
+        lines += [f"Front (dev against p90): {' → '.join(front)}", ""]
+    return "\n".join(lines + [f"Report: {result['report']}"])
+
+
+def main() -> None:
+    parser = project_parser(__doc__)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_and_report(args, run, markdown)
+
+
+if __name__ == "__main__":
+    main()
