@@ -194,3 +194,10 @@ def test_stage_end_to_end(project: Path, this_machine: None) -> None:
     )
     rows = [r for e in measured for r in e["rows"]]
     assert all(r["groups"] in (1, 2) and r["heads"] == HEADS // 2 for r in rows)
+    # selection gathers the students like any method's candidates: on every profile's front and report
+    run_stage("select", params, layout)
+    merged = json.loads((layout.out("select") / "results.json").read_text())
+    assert "convbert" in merged["methods"]
+    for entry in (e for e in merged["profiles"] if e["status"] == "measured"):
+        assert {"convbert/g1", "convbert/g2"} <= {r["candidate"] for r in entry["rows"]}, entry["profile"]
+    assert "convbert/g1" in (layout.out("select") / "report.md").read_text()
