@@ -32,3 +32,43 @@ def run_and_report(
     if args.out is not None:
         atomic_write_json(args.out, result)
         print(f"\nwrote {args.out}")
+
+
+def project_main(
+    doc: str | None,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """A project script's ``main``: ``--project``, ``--out`` and repeatable ``--set KEY=VALUE`` overrides."""
+    import logging
+
+    parser = project_parser(doc)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_and_report(args, run, markdown)
+
+
+def front_p90(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Pareto front of measured rows by dev metric against p90 latency, fastest first."""
+    front, best = [], float("-inf")
+    for r in sorted(rows, key=lambda r: (r["latency_p90_ms"], -r["metric"])):
+        if r["metric"] > best:
+            front.append(r)
+            best = r["metric"]
+    return front
+
+
+def select_each(results: dict[str, Any], cfg: Any) -> None:
+    """Selection (no quality floor) on every measured profile of ``results``, in place."""
+    from dynaflow.evaluation.selection import select
+
+    for entry in results["profiles"]:
+        if entry["status"] == "measured":
+            profile = cfg.profile(entry["profile"]["name"])
+            chosen = select(
+                entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
+            )
+            entry["selection"] = chosen.as_dict()

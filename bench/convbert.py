@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from typing import Any
 
-from common import project_parser, run_and_report
+from common import front_p90, project_main
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -81,18 +80,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def fronts(merged: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Each measured profile's Pareto front (dev metric against p90 latency), fastest first."""
-    out = {}
-    for entry in merged["profiles"]:
-        if entry["status"] != "measured":
-            continue
-        rows = sorted(entry["rows"], key=lambda r: (r["latency_p90_ms"], -r["metric"]))
-        front, best = [], float("-inf")
-        for r in rows:
-            if r["metric"] > best:
-                front.append({k: r[k] for k in ("candidate", "precision", "metric", "latency_p90_ms")})
-                best = r["metric"]
-        out[entry["profile"]["name"]] = front
-    return out
+    keep = ("candidate", "precision", "metric", "latency_p90_ms")
+    return {
+        e["profile"]["name"]: [{k: r[k] for k in keep} for r in front_p90(e["rows"])]
+        for e in merged["profiles"]
+        if e["status"] == "measured"
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -129,13 +122,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = project_parser(__doc__)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override"
-    )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_and_report(args, run, markdown)
+    project_main(__doc__, run, markdown)
 
 
 if __name__ == "__main__":

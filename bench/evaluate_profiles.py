@@ -19,10 +19,11 @@ import logging
 import os
 from pathlib import Path
 
+from common import select_each
+
 from dynaflow.config import load_params
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.evaluation.report import equal_layers_table, merge_results, profile_table, write_report
-from dynaflow.evaluation.selection import select
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,13 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         docs.append(measure_into(successor, theseus.METHOD, args.theseus, args.data, profiles, cfg, args.out,
                                  args.out / "theseus"))  # fmt: skip
     results = merge_results(docs)
-    for entry in results["profiles"]:
-        if entry["status"] == "measured":
-            profile = cfg.profile(entry["profile"]["name"])
-            chosen = select(
-                entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
-            )
-            entry["selection"] = chosen.as_dict()
+    select_each(results, cfg)
     atomic_write_json(args.out / "results.json", results)
     report = write_report(results, args.out)
     for entry in results["profiles"]:

@@ -14,12 +14,11 @@ Selection here has no quality floor (``evaluate_profiles.py`` does the same); th
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import project_parser, run_and_report
+from common import front_p90, project_main, select_each
 
 from dynaflow.config import load_params
 
@@ -67,7 +66,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dynaflow.evaluation.harness import measure, results_document
     from dynaflow.evaluation.report import write_report
     from dynaflow.evaluation.scoring import load_dev
-    from dynaflow.evaluation.selection import select
 
     root = args.project.resolve()
     params = load_params(root / "params.yaml", args.set)
@@ -79,13 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           reference_batch(data_dir, vocab_size=0), Path(work))  # fmt: skip
     results = results_document(list(sources), meta["task"], meta["main_metric"], sources, cfg,
                                machine.machine_info(), entries)  # fmt: skip
-    for entry in results["profiles"]:
-        if entry["status"] == "measured":
-            profile = cfg.profile(entry["profile"]["name"])
-            chosen = select(
-                entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
-            )
-            entry["selection"] = chosen.as_dict()
+    select_each(results, cfg)
     out = root / REPORT
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
@@ -104,24 +96,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"### {name} (foreign load {entry.get('foreign_load_cores', 0):.2f} cores)", "",
                   entry["selection"]["message"], ""]  # fmt: skip
         lines += profile_table(entry, result["results"]["main_metric"], "p90") + [""]
-        rows = sorted(entry["rows"], key=lambda r: (r["latency_p90_ms"], -r["metric"]))
-        front, best = [], float("-inf")
-        for r in rows:
-            if r["metric"] > best:
-                front.append(f"{r['candidate']} ({r['metric']:.4f}, {r['latency_p90_ms']:.1f} ms)")
-                best = r["metric"]
+        front = [
+            f"{r['candidate']} ({r['metric']:.4f}, {r['latency_p90_ms']:.1f} ms)"
+            for r in front_p90(entry["rows"])
+        ]
         lines += [f"Front (dev against p90): {' → '.join(front)}", ""]
     return "\n".join(lines + [f"Report: {result['report']}"])
 
 
 def main() -> None:
-    parser = project_parser(__doc__)
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a params.yaml override"
-    )
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_and_report(args, run, markdown)
+    project_main(__doc__, run, markdown)
 
 
 if __name__ == "__main__":
