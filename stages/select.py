@@ -44,6 +44,7 @@ from stages.registry import (
     Layout,
     Stage,
     StageContext,
+    UpstreamMissing,
     check_upstream,
     measurement_stages,
     register,
@@ -340,7 +341,7 @@ def measure_profile_here(params: Params, root: Path, profile: str, tracker: Null
     for name in measurement_stages():
         try:
             check_upstream(name, layout)
-        except RuntimeError:
+        except UpstreamMissing:
             continue  # that method has not been trained here
         ready.append(name)
     if not ready:

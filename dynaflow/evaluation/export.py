@@ -149,12 +149,13 @@ def onnx_logits_fn(path: Path, threads: int) -> Callable[[dict[str, torch.Tensor
 
 
 def quantize_int8(float_onnx: Path, out: Path) -> Path:
-    """Dynamic int8 quantisation of ``float_onnx``'s linear layers (``onnxruntime.quantization``).
+    """Dynamic int8 quantisation of ``float_onnx``'s linear layers and embeddings (onnxruntime.quantization).
 
     Weights become int8 once; activations are quantised to uint8 at run time, per tensor. This is Hugging
     Face Optimum's ``avx512_vnni`` dynamic recipe (u8 x s8 products run on VNNI), what CPU users try first.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,10 @@ def quantize_int8(float_onnx: Path, out: Path) -> Path:
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.WARNING))
     try:
-        quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8)
+        # Every operator dynamic quantisation supports but convolutions: a ConvBERT's separable convolution
+        # ran 3.5x slower as ConvInteger than as float Conv (BENCHMARKS.md, issue 19); BERTs have none.
+        ops = sorted(op for op in IntegerOpsRegistry if op != "Conv")
+        quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
     finally:
         logging.disable(previous)
     return out
