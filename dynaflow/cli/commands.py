@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -113,12 +114,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stages.registry import STAGES, Layout, fill_headlines
 
     fill_headlines(Layout(root), list(STAGES))
+    width = name_width(results)
     for name, result in results.items():
-        print(f"  {name:<12} {result['status']:<7} output  {result['out']}")
-        print(f"  {'':<20} metrics {result['metrics_file']}")
+        print(f"  {name:<{width}} {result['status']:<7} output  {result['out']}")
+        print(f"  {'':<{width + 8}} metrics {result['metrics_file']}")
     if "select" in results:
         print_selection(Path(results["select"]["out"]))
     return 0
+
+
+def name_width(names: Iterable[str]) -> int:
+    """The column a stage name is padded to: 12, or the longest name (``convbert_eval``)."""
+    return max(12, *map(len, names))
 
 
 def print_plan(params: Params, root: Path, names: list[str]) -> dict[str, str | None]:
@@ -128,8 +135,9 @@ def print_plan(params: Params, root: Path, names: list[str]) -> dict[str, str | 
 
     print("plan:", flush=True)
     plan = status(names, params, Layout(root))
+    width = name_width(plan)
     for name, problem in plan.items():
-        print(f"  {name:<12} {'cached' if problem is None else 'runs    (' + problem + ')'}", flush=True)
+        print(f"  {name:<{width}} {'cached' if problem is None else 'runs    (' + problem + ')'}", flush=True)
     return plan
 
 
@@ -216,8 +224,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     layout = Layout(Path(args.params).resolve().parent)
     project_env(layout.root)
     problems = status(stages_of(args.flow), params, layout)
+    width = name_width(problems)
     for name, problem in problems.items():
-        print(f"{name:<12} {'up to date' if problem is None else 'needs to run: ' + problem}")
+        print(f"{name:<{width}} {'up to date' if problem is None else 'needs to run: ' + problem}")
     return 1 if any(p is not None for p in problems.values()) else 0
 
 
