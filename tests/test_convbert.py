@@ -168,10 +168,10 @@ def test_odd_head_count_is_refused_with_the_reason(teacher) -> None:
 
 
 def test_stage_end_to_end(project: Path, this_machine: None) -> None:
-    """data -> teacher -> rewire -> convbert -> convbert_eval through the runner, two students."""
+    """data -> teacher -> rewire -> convbert -> convbert_eval -> select through the runner, both students."""
     params = load_params(
         project / "params.yaml",
-        ["convbert.groups=[1,2]", "convbert.batch_size=8", "convbert.learning_rate=1e-3"],
+        ["convbert.batch_size=8", "convbert.learning_rate=1e-3"],
     )
     layout = Layout(project)
     assert flow_stages("convbert") == ["data", "teacher", "rewire", "convbert", "convbert_eval", "select"]
