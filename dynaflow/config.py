@@ -280,6 +280,83 @@ class ConvBertStudentConfig(_Section):
         return value
 
 
+def _distinct_lambdas(values: list[float]) -> list[float]:
+    if len(set(values)) != len(values) or min(values) < 0:
+        raise ValueError(f"lambdas must be distinct and >= 0, got {values}")
+    return values
+
+
+class _GatedTraining(_Section):
+    """What the token-gating and PoWER-BERT stages share: a gated model trained from the teacher."""
+
+    lambdas: list[float] = Field(
+        min_length=1, description="the cost knob λ (weight of the mass term): one candidate per entry"
+    )
+    loss: Literal["kd", "task"] = Field(
+        "kd", description="kd: soft cross-entropy on the teacher's logits (MSE for regression) | task: labels"
+    )
+    layer_cost: Literal["linear", "uniform"] = Field(
+        "linear", description="c_j: linear (j / L, PoWER-BERT's LAMBDA * j) | uniform (1 per layer)"
+    )
+    gate_learning_rate: float = Field(
+        1e-2, gt=0, lt=1, description="the gates' learning rate (PoWER-BERT LR_SOFT_EXTRACT: 1e-4 to 1e-2)"
+    )
+    learning_rate: float = Field(3e-5, gt=0, lt=1, description="the BERT weights' (PoWER-BERT SST-2: 3e-5)")
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(128, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+    precision: Precision = precision_field()
+
+    _lambdas = field_validator("lambdas")(_distinct_lambdas)
+
+
+class GatesConfig(_GatedTraining):
+    """Token gates with a bi-modal regulariser (Jeong & Kwak, 2021; dynaflow's reconstruction): one
+    training stage from the teacher per λ; tokens whose gate ends below 0.5 are dropped at inference."""
+
+    lambdas: list[float] = Field([0.05, 0.1, 0.2, 0.4], min_length=1, description="one candidate per λ")
+    epochs: int = Field(2, gt=0)
+    bimodal_weight: float = Field(1.0, ge=0, description="μ: weight of Σ g(1 − g) at the end of training")
+    bimodal_start: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="fraction of the steps before μ starts rising (linearly, to μ at the end)",
+    )
+    mass: Literal["length", "positions"] = Field(
+        "length",
+        description="length: a gate costs in proportion to how often a real token holds its rank | "
+        "positions: PoWER-BERT's plain sum over the first data.max_seq_length ranks",
+    )
+    gate_scales_vector: bool = Field(
+        True,
+        description="the soft form also scales a token's vector by its gate (not only its attention weight)",
+    )
+    straight_through: bool = Field(
+        True,
+        description="training's forward pass uses the gates rounded to 0/1 (the gradient passes as if not "
+        "rounded); false: the gates' values (a gap to the hard form, BENCHMARKS.md)",
+    )
+    selection: Selection = Field(
+        "last",
+        description="last: the gates' schedule ends at the last step (earlier epoch ends have gates not yet "
+        "at 0 or 1) | heldout | dev: the epoch end with the best hard-gate score there",
+    )
+
+
+class PowerBertConfig(_GatedTraining):
+    """PoWER-BERT (Goyal et al., 2020), the two-stage baseline: a soft-extract search of how many tokens each
+    layer keeps (mass term only), then retraining with hard top-k extraction at that configuration."""
+
+    lambdas: list[float] = Field([0.05, 0.1, 0.2, 0.4], min_length=1, description="one candidate per λ")
+    search_epochs: int = Field(1, gt=0, description="soft-extract search")
+    epochs: int = Field(1, gt=0, description="retraining with hard extraction")
+    selection: Selection = selection_field("retrained model's main score at an epoch end")
+
+
 class HardwareProfile(_Section):
     """One deployment target: where and how a sub-network runs, and the budget it must fit."""
 
@@ -332,6 +409,12 @@ class EvaluateConfig(_Section):
     profiles: list[HardwareProfile] = Field(default_factory=_default_profiles, min_length=1)
     warmup: int = Field(5, ge=0, description="untimed forward calls per sub-network before timing")
     repeats: int = Field(30, gt=0, description="timed forward calls per sub-network (interleaved rounds)")
+    latency_inputs: Literal["dev", "synthetic"] = Field(
+        "dev",
+        description="dev: time every candidate on the same dev batches (profile batch size, each padded to "
+        "its longest input: what a server sees; input-dependent models such as token gates need it) | "
+        "synthetic: random ids, every batch full length (profile seq_len)",
+    )
     budget_stat: Literal["median", "p90"] = Field(
         "p90", description="latency statistic a latency budget applies to"
     )
@@ -462,6 +545,8 @@ class Params(_Section):
     depth_kd: DepthDistillConfig = DepthDistillConfig()
     theseus: TheseusConfig = TheseusConfig()
     convbert: ConvBertStudentConfig = ConvBertStudentConfig()
+    gates: GatesConfig = GatesConfig()
+    powerbert: PowerBertConfig = PowerBertConfig()
     launch: LaunchConfig = LaunchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()

@@ -53,6 +53,9 @@ STAGE_MODULES = (
     "theseus_eval",
     "convbert",
     "convbert_eval",
+    "gates",
+    "powerbert",
+    "gates_eval",
     "select",
 )
 for _module in STAGE_MODULES:

@@ -161,6 +161,7 @@ def tiny_params(backbone: Path, glue_dir: Path, **teacher: object) -> dict:
         # ConvBERT students for one epoch: the flows that run every method (compare, dvc repro) stay short.
         # Its groups stay the shipped ones: dvc.yaml declares a loss-curve plot per student.
         "convbert": {"epochs": 1, "kernel_size": 3},
+        "gates": {"epochs": 1},  # its lambdas stay the shipped ones, as convbert.groups (plots per λ)
     }
 
 

@@ -267,6 +267,38 @@ def synthetic_inputs(vocab_size: int, batch_size: int, seq_len: int, seed: int =
     }
 
 
+def dev_batches(
+    split: Any, batch_size: int, count: int, seq_len: int, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
+    """``count`` batches of ``batch_size`` consecutive dev examples (dev order: lengths mix as they come),
+    drawn without replacement by a seeded generator, each padded to its own longest input (at most
+    ``seq_len`` tokens): the inputs every candidate is timed on."""
+    from dynaflow.data.splits import pad
+
+    starts = list(range(0, len(split), batch_size))
+    chosen = np.random.default_rng(seed).permutation(len(starts))[: min(count, len(starts))]
+    batches = []
+    for b in sorted(chosen):
+        rows = range(starts[b], min(starts[b] + batch_size, len(split)))
+        ids = [split.input_ids[i][:seq_len] for i in rows]
+        types = [split.token_type_ids[i][:seq_len] for i in rows]
+        batches.append(pad(ids, types))
+    return batches
+
+
+def cycling(runs: list[Callable[[], Any]]) -> Callable[[], Any]:
+    """One callable that runs ``runs`` in turn, call after call. Every candidate gets the same calls from
+    :func:`time_interleaved` (warm-up, rounds, blocks), so each candidate's n-th call runs the same batch."""
+    position = [0]
+
+    def run() -> Any:
+        out = runs[position[0] % len(runs)]()
+        position[0] += 1
+        return out
+
+    return run
+
+
 def torch_runner(
     model: torch.nn.Module, inputs: dict[str, np.ndarray], device: str = "cpu"
 ) -> Callable[[], Any]:

@@ -73,6 +73,7 @@ class Prepared:
     onnx_path: Path | None
     precision: str = "float32"
     int8: dict[str, Any] | None = None
+    dev_lengths: list[int] | None = None  # the dev inputs' lengths (FLOPs per dev example)
 
     def runs_on(self, profile: HardwareProfile) -> bool:
         return self.precision == "float32" or int8_profile(profile)
@@ -94,6 +95,13 @@ class Prepared:
         if c.flops is not None:
             return c.flops(seq_len) / 1e9
         return counted_flops(self.model, self.model.config.vocab_size, seq_len) / 1e9
+
+    def gflops_dev(self) -> float | None:
+        """Mean encoder GFLOPs per dev input, each at its own length (analytic counts only: None without)."""
+        if self.candidate.flops is None or not self.dev_lengths:
+            return None
+        per_length = {n: self.candidate.flops(n) for n in set(self.dev_lengths)}
+        return float(np.mean([per_length[n] for n in self.dev_lengths])) / 1e9
 
 
 def int8_profile(profile: HardwareProfile) -> bool:
@@ -176,22 +184,41 @@ def prepare(
 
 
 def _runner(profile: HardwareProfile, p: Prepared, inputs: Any, threads: int, fresh: bool) -> Callable:
-    """One batch of ``profile`` on ``p``; ``fresh``: build everything anew (what memory measures)."""
+    """``profile``'s batches on ``p``, one per call in turn (``inputs``: one batch or a list); ``fresh``:
+    build everything anew (what memory measures)."""
+    batches = inputs if isinstance(inputs, list) else [inputs]
     if profile.runtime == "onnxruntime":
         assert p.onnx_path is not None
-        return hardware.ort_runner(hardware.ort_session(p.onnx_path, threads, profile.device), inputs)
+        session = hardware.ort_session(p.onnx_path, threads, profile.device)
+        return hardware.cycling([hardware.ort_runner(session, b) for b in batches])
     model = p.model
     if fresh or profile.device != "cpu":
         model = copy.deepcopy(model).to(profile.device)
-    return hardware.torch_runner(model, inputs, profile.device)
+    return hardware.cycling([hardware.torch_runner(model, b, profile.device) for b in batches])
+
+
+def latency_inputs(
+    profile: HardwareProfile, cfg: EvaluateConfig, vocab_size: int, dev: TokenizedSplit | None
+) -> list[dict[str, np.ndarray]]:
+    """What every candidate is timed on: ``cfg.repeats`` dev batches, each padded to its longest input
+    (``latency_inputs: dev``), or one synthetic full-length batch."""
+    if cfg.latency_inputs == "dev" and dev is not None:
+        return hardware.dev_batches(dev, profile.batch_size, cfg.repeats, profile.seq_len)
+    return [hardware.synthetic_inputs(vocab_size, profile.batch_size, profile.seq_len)]
 
 
 def measure_profile(
-    profile: HardwareProfile, prepared: Sequence[Prepared], cfg: EvaluateConfig, vocab_size: int
+    profile: HardwareProfile,
+    prepared: Sequence[Prepared],
+    cfg: EvaluateConfig,
+    vocab_size: int,
+    dev: TokenizedSplit | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """(threads, one row per candidate): latency statistics and peak memory on this machine."""
+    """(threads, one row per candidate): latency statistics on ``cfg.latency_inputs`` (``dev``: the first dev
+    split) and peak memory on a synthetic full-length batch (the worst case a budget must hold)."""
     threads = hardware.resolve_threads(profile)
-    inputs = hardware.synthetic_inputs(vocab_size, profile.batch_size, profile.seq_len)
+    inputs = latency_inputs(profile, cfg, vocab_size, dev)
+    longest = hardware.synthetic_inputs(vocab_size, profile.batch_size, profile.seq_len)
     sync = torch.cuda.synchronize if profile.device == "cuda" else None
     by_id = {p.row_id()["candidate"]: p for p in prepared if p.runs_on(profile)}
     with hardware.pinned_threads(threads):
@@ -204,7 +231,9 @@ def measure_profile(
         # ONNX Runtime's CUDA allocations are invisible to torch.cuda: peak memory unknown there.
         measurable = not (profile.device == "cuda" and profile.runtime == "onnxruntime")
         memory = {
-            k: hardware.peak_memory_mb(lambda p=p: _runner(profile, p, inputs, threads, True), profile.device)
+            k: hardware.peak_memory_mb(
+                lambda p=p: _runner(profile, p, longest, threads, True), profile.device
+            )
             if measurable
             else None
             for k, p in by_id.items()
@@ -219,6 +248,7 @@ def measure_profile(
             "metrics": p.scores,
             "params": p.params,
             "gflops_per_seq": p.gflops(profile.seq_len),
+            "gflops_per_dev_example": p.gflops_dev(),
             "file_mb": (file_bytes or p.hf_bytes) / 1e6,
             "memory_mb": memory[k],
             "latency_median_ms": s.median_ms,
@@ -252,8 +282,10 @@ def measure_entries(
     cfg: EvaluateConfig,
     vocab_size: int,
     machine: dict[str, Any],
+    dev: TokenizedSplit | None = None,
 ) -> list[dict[str, Any]]:
-    """One results entry per profile: measured here, or skipped with its note (device absent)."""
+    """One results entry per profile: measured here, or skipped with its note (device absent). ``dev``: the
+    split whose batches latency is timed on (``cfg.latency_inputs: dev``)."""
     entries: list[dict[str, Any]] = []
     for profile in profiles:
         entry: dict[str, Any] = {
@@ -271,7 +303,7 @@ def measure_entries(
             continue
         started = time.perf_counter()
         with hardware.ForeignLoad() as load:
-            entry["threads"], entry["rows"] = measure_profile(profile, prepared, cfg, vocab_size)
+            entry["threads"], entry["rows"] = measure_profile(profile, prepared, cfg, vocab_size, dev)
         entry["foreign_load_cores"] = load.cores
         log.info("profile %r measured in %.1f s", profile.name, time.perf_counter() - started)
         if load.cores is not None and load.cores > BUSY_CORES:
@@ -310,8 +342,16 @@ def results_document(
             "warmup": cfg.warmup,
             "repeats": cfg.repeats,
             "budget_stat": cfg.budget_stat,
-            "latency": "inference mode, eval, synthetic full-length batches, interleaved rounds; float32, "
-            "and on ONNX Runtime CPU profiles dynamic int8 too (each variant dev-scored on its own outputs)",
+            "latency_inputs": cfg.latency_inputs,
+            "latency": "inference mode, eval, interleaved rounds, "
+            + (
+                "the same dev batches for every candidate (profile batch size, each padded to its longest "
+                "input)"
+                if cfg.latency_inputs == "dev"
+                else "synthetic full-length batches"
+            )
+            + "; float32, and on ONNX Runtime CPU profiles dynamic int8 too (each variant dev-scored on its "
+            "own outputs)",
             "memory": MEMORY_METHOD,
         },
         "machine": machine,
@@ -357,4 +397,7 @@ def measure(
     int8 = cfg.int8 and any(int8_profile(p) for p in measured)
     prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx, check_batch, int8)
     vocab_size = prepared[0].model.config.vocab_size
-    return measure_entries(profiles, notes, prepared, cfg, vocab_size, machine_info())
+    first = next(iter(dev.values()))
+    for p in prepared:
+        p.dev_lengths = [len(ids) for ids in first.input_ids]
+    return measure_entries(profiles, notes, prepared, cfg, vocab_size, machine_info(), first)

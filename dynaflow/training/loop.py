@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -73,14 +73,23 @@ class TrainResult:
     precision: str = "fp32"  # what the steps ran in (``auto`` resolved on this machine)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, param_lr: Mapping[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW; ``param_lr``: parameters (by name) with a learning rate of their own and no weight decay
+    (e.g. a method's gates, which must move much faster than the weights)."""
+    param_lr = param_lr or {}
     # As in BERT: no weight decay on biases and LayerNorm weights.
-    decay, no_decay = [], []
+    decay, no_decay, own = [], [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if name in param_lr:
+            own.append({"params": [p], "weight_decay": 0.0, "lr": param_lr[name]})
+        else:
             (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
+    return torch.optim.AdamW(groups + own, lr=lr, eps=1e-8)
 
 
 def linear_schedule(
@@ -130,6 +139,7 @@ def fit(
     before_step: Callable[[int, np.ndarray], None] | None = None,
     desc: str = "train",
     pad_id: int = 0,
+    param_lr: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``cfg.epochs`` epochs over ``train`` (or ``cfg.max_steps`` steps, the last epoch
     cut short; its end still calls ``on_epoch_end``); resume from ``checkpoint`` if it matches.
@@ -138,6 +148,7 @@ def fit(
     ``before_step(step, indices)`` is told, before each step, the number of steps already taken and the
     training-set indices of this process's examples in the batch (what a step that draws sub-networks by
     step number, or reads per-example cached targets, needs). The step runs under ``cfg.precision``.
+    ``param_lr``: see :func:`make_optimizer` (the schedule scales those rates too).
     """
     ddp.init()  # joins the process group when launched by torchrun; no-op in a single process
     main, dev = ddp.is_main(), ddp.device()
@@ -151,7 +162,7 @@ def fit(
             raise ValueError(f"max_steps must be at least 1 (None: every epoch), got {cfg.max_steps}")
         total = min(total, cfg.max_steps)
     epochs = -(-total // steps_per_epoch)  # the last one may be cut short by max_steps
-    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.learning_rate, cfg.weight_decay, param_lr)
     scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total), total)
     torch.manual_seed(cfg.seed + ddp.rank())  # rank 0 as one process; other ranks draw their own dropout
 

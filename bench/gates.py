@@ -1,0 +1,122 @@
+"""Token gates and PoWER-BERT beside the teacher and DynaBERT (issue 15), on a project where those ran.
+
+    GLUE_DIR=../shared/data/glue python bench/gates.py --project PROJECT --out bench/gates.json \\
+        [--train-only] [--set gates.lambdas=[...] ...]
+
+Trains one gated model per ``gates.lambdas`` and one PoWER-BERT model per ``powerbert.lambdas`` with the
+stages' own functions from the project's data and teacher (the inputs DynaBERT used: equal terms), into
+``PROJECT/artifacts/gates-bench/{gates,powerbert}/l<λ>/`` (a model already there is reused), measures them
+with the shared harness on every profile of the project's ``evaluate`` section (``--set
+evaluate.latency_inputs=dev`` times every candidate on the dev inputs, dynamically padded), and merges them
+with the project's selection into ``PROJECT/reports/gates/``. Calls stage functions, not the flow, so a
+project made by an older dynaflow is compared as it is instead of being rebuilt.
+
+Prints, per model, dev score (hard and soft form), tokens kept per layer, encoder FLOPs per dev example
+against the teacher's, training time, and latency on every profile; then each profile's Pareto front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import front_p90, project_main
+
+from dynaflow.config import load_params
+from dynaflow.core.tracking import NullTracker
+
+OUT = "artifacts/gates-bench"
+REPORT = "reports/gates"
+
+
+def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, Any]:
+    """Every λ of ``family`` (gates or powerbert), trained unless already there; their metrics."""
+    from stages.gates import run_name
+    from stages.registry import Layout
+
+    layout, where, trained = Layout(root), root / OUT / family, {}
+    # checkpoints resume only under the same settings (the stages use their cache key for this)
+    settings = json.dumps([getattr(params, family).model_dump(), params.seed], sort_keys=True)
+    fingerprint = "bench-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
+    for lam in getattr(params, family).lambdas:
+        name = run_name(lam)
+        out = where / name
+        if not (out / "metrics.json").is_file():
+            tmp = where / f".{name}.partial"
+            tmp.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            train(params, lam, layout.out("teacher"), layout.out("data"), tmp,
+                  layout.work(f"gates-bench-{family}-{name}"), fingerprint, NullTracker())  # fmt: skip
+            (tmp / "timing.json").write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))
+            tmp.rename(out)
+        trained[name] = json.loads((out / "metrics.json").read_text()) | json.loads(
+            (out / "timing.json").read_text()
+        )
+    return trained
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dynaflow.methods.gates import METHOD, POWER_BERT
+    from dynaflow.methods.gates.candidates import gated_model
+    from stages.gates import run_name, train_gates
+    from stages.measure import chosen_on, measure_into
+    from stages.powerbert import train_power_bert
+    from stages.registry import Layout
+    from stages.select import STAGE as SELECT
+    from stages.select import rebuild_report
+
+    root = args.project.resolve()
+    params, layout = load_params(root / "params.yaml", args.set), Layout(root)
+    trained = {"gates": train_family(root, params, "gates", train_gates),
+               "powerbert": train_family(root, params, "powerbert", train_power_bert)}  # fmt: skip
+    if args.train_only:
+        return {"project": str(root), "overrides": args.set, "trained": trained}
+    data_dir, cfg, results = layout.out("data"), params.evaluate, {}
+    for method, family in ((METHOD, "gates"), (POWER_BERT, "powerbert")):
+        where = root / OUT / family
+        found = [gated_model(where / run_name(lam), method) for lam in getattr(params, family).lambdas]
+        results[family] = measure_into(found, method, where, data_dir, cfg.profiles, cfg, root, where,
+                                       chosen_on(getattr(params, family).selection, data_dir))  # fmt: skip
+    report, _ = rebuild_report(root, [root / SELECT.out, root / OUT / "gates", root / OUT / "powerbert"],
+                               root / REPORT)  # fmt: skip
+    merged = json.loads((root / REPORT / "results.json").read_text())
+    return {
+        "project": str(root),
+        "overrides": args.set,
+        "gates": params.gates.model_dump(),
+        "powerbert": params.powerbert.model_dump(),
+        "trained": trained,
+        "results": results,
+        "fronts": {
+            e["profile"]["name"]: [r["candidate"] for r in front_p90(e["rows"])]
+            for e in merged["profiles"]
+            if e["status"] == "measured"
+        },  # fmt: skip
+        "report": str(report.relative_to(root)),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| model | λ | dev (hard) | dev (soft) | tokens per layer (dev mean) | GFLOPs/example "
+             "| vs teacher "
+             "| train s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for family, runs in result["trained"].items():
+        for name, m in runs.items():
+            lines.append(
+                f"| {family}/{name} | {m['lambda']:g} | {m['score']:.4f} | {m['soft.score']:.4f} | "
+                f"{m['kept_per_layer']} | {m['gflops_per_example']:.3f} | {m['flops_reduction']:.2f}x | "
+                f"{m['wall_seconds']:.0f} |"
+            )
+    for profile, front in result.get("fronts", {}).items():
+        lines.append(f"\n{profile} front (p90): {', '.join(front)}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.argv, train_only = [a for a in sys.argv if a != "--train-only"], "--train-only" in sys.argv
+    project_main(__doc__, lambda args: run(argparse.Namespace(**vars(args), train_only=train_only)), markdown)

@@ -1,0 +1,5 @@
+"""Token gating with a bi-modal regulariser (Jeong & Kwak, 2021), and PoWER-BERT (Goyal et al., 2020), the
+two-stage method it argues against, on the same gated model (:mod:`.modeling_gated_bert`)."""
+
+METHOD = "gates"
+POWER_BERT = "powerbert"

@@ -1,0 +1,89 @@
+"""The gated models' candidates: each λ's model with its tokens really dropped (the hard form).
+
+Exports carry ``modeling_gated_bert.py`` and the elastic BERT it builds on, so ``trust_remote_code=True``
+opens them where dynaflow is not installed. Their FLOPs depend on the input's length: ``flops(n)`` counts an
+input of ``n`` real tokens through the layers' kept lengths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dynaflow.evaluation.candidates import Candidate
+from dynaflow.methods.gates import METHOD
+from dynaflow.methods.gates import modeling_gated_bert as gated
+from dynaflow.models import elastic_bert
+
+REMOTE_CODE = "modeling_gated_bert.py"
+ELASTIC_CODE = "elastic_bert.py"  # imported by the gated model's file, beside it in the export
+
+
+def remote_code() -> dict[str, str]:
+    """Both files, the gated one importing the elastic one relatively; neither registers Auto classes
+    (transformers maps the classes through ``config.auto_map``)."""
+    elastic = (
+        Path(elastic_bert.__file__)
+        .read_text()
+        .replace(
+            "\n_register_auto()\n", "\n# Loaded as remote code: transformers maps the classes via auto_map.\n"
+        )
+    )
+    source = (
+        Path(gated.__file__)
+        .read_text()
+        .replace("from dynaflow.models.elastic_bert import", "from .elastic_bert import")
+    )
+    return {REMOTE_CODE: source, ELASTIC_CODE: elastic}
+
+
+def mark_remote(model: gated.GatedBertForSequenceClassification) -> None:
+    """Point the config's ``auto_map`` at the remote code, so a saved model opens without dynaflow."""
+    module = REMOTE_CODE.removesuffix(".py")
+    model.config.auto_map = {
+        "AutoConfig": f"{module}.GatedBertConfig",
+        "AutoModelForSequenceClassification": f"{module}.GatedBertForSequenceClassification",
+    }
+
+
+def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
+    """The hard-gated model the gates (or powerbert) stage saved in ``model_dir`` (``l<λ>``)."""
+    model_dir = Path(model_dir)
+    config = gated.GatedBertConfig.from_pretrained(model_dir)
+    info = json.loads((model_dir / "metrics.json").read_text())
+    model = gated.GatedBertForSequenceClassification.from_pretrained(model_dir).eval()
+    keep = model.keep_mask()
+    layers = config.num_hidden_layers
+    arch = {"width": 1.0, "depth": 1.0, "layers": layers, "heads": config.layer_heads(0),
+            "intermediate": config.layer_intermediate(0), "lambda": info["lambda"],
+            "kept_fraction": info["kept_fraction"],
+            "flops_reduction": info["flops_reduction"]}  # fmt: skip
+    family = (
+        "token gates with a bi-modal regulariser (one stage)"
+        if method == METHOD
+        else ("PoWER-BERT (soft-extract search, then retraining with hard extraction)")
+    )
+
+    def build() -> gated.GatedBertForSequenceClassification:
+        built = gated.GatedBertForSequenceClassification.from_pretrained(model_dir).eval()
+        built.config.hard_gates = True
+        mark_remote(built)
+        return built
+
+    return Candidate(
+        method=method,
+        name=model_dir.name,
+        arch=arch,
+        build=build,
+        label=f"{'gates' if method == METHOD else 'power'} λ{info['lambda']:g}",
+        title=f"{'Token-gated' if method == METHOD else 'PoWER-BERT'} BERT, λ = {info['lambda']:g}",
+        description=(
+            f"The fine-tuned teacher ({layers} layers) trained with {family} (λ = {info['lambda']:g}) by "
+            f"dynaflow: each layer ranks its tokens by the attention they receive and drops the ranks whose "
+            f"gate is off. On the dev inputs the layers keep {info['kept_per_layer'][1:]} tokens on average "
+            f"(inputs: {info['kept_per_layer'][0]}), {info['flops_reduction']:.2f}x fewer encoder FLOPs than "
+            "the teacher. Remote code: open with `trust_remote_code=True`."
+        ),
+        flops=lambda seq_len: float(gated.gated_flops(config, gated.kept_lengths(keep, seq_len))),
+        remote_code=remote_code(),
+    )

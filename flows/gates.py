@@ -1,0 +1,28 @@
+"""Token gating and PoWER-BERT as a Prefect flow of their own: data → teacher → gates, powerbert → their
+measurements → select.
+
+``dynaflow run --flow gates`` runs the same flow body through :func:`flows.pipeline.run_flow`; this
+module is the entry point to deploy it on its own (``flows/gates.py:gates``). The data and teacher stages
+are the DynaBERT flow's, with the same keys: the flows share their outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import pipeline
+from stages import flow_stages
+
+
+@flow(name="gates", log_prints=True)
+def gates(
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+    until: str | None = None,
+    track: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Data, teacher, the gated models of both families and their measurements, each reused while its inputs
+    did not change."""
+    return pipeline.fn(params_path, overrides, until, track, stage_names=flow_stages("gates"))
