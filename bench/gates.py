@@ -60,31 +60,78 @@ def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, 
     return trained
 
 
+def teacher_candidate(teacher_dir: Path) -> Any:
+    """The fine-tuned teacher as a candidate of its own (the source every gated model starts from)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dynaflow.evaluation.candidates import Candidate
+    from dynaflow.models.extract import subnetwork_flops
+
+    config = BertConfig.from_pretrained(teacher_dir)
+    arch = {"width": 1.0, "depth": 1.0, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "intermediate": config.intermediate_size}  # fmt: skip
+    return Candidate(
+        method="teacher", name="teacher", arch=arch, label="teacher",
+        build=lambda: BertForSequenceClassification.from_pretrained(teacher_dir).eval(),
+        flops=lambda n: float(subnetwork_flops(config, 1.0, 1.0, n)),
+    )  # fmt: skip
+
+
+def baselines(root: Path, params: Any) -> list[Any]:
+    """The teacher, and DynaBERT's grid when the project trained one."""
+    from stages.evaluate import candidates as dynabert_grid
+    from stages.registry import Layout
+
+    layout = Layout(root)
+    found = [teacher_candidate(layout.out("teacher"))]
+    if (layout.out("depth_kd") / "config.json").is_file():
+        found += dynabert_grid(params, layout)
+    return found
+
+
+def measure_together(root: Path, params: Any, candidates: list[Any]) -> dict[str, Any]:
+    """Every candidate through one harness call: the same dev batches, timed in the same interleaved
+    rounds (no method measured in a quieter minute than another)."""
+    import tempfile
+
+    from dynaflow.data.splits import read_task_meta
+    from dynaflow.evaluation import machine
+    from dynaflow.evaluation.export import reference_batch
+    from dynaflow.evaluation.harness import measure, results_document
+    from dynaflow.evaluation.scoring import load_dev
+    from stages.registry import Layout
+
+    data_dir, cfg = Layout(root).out("data"), params.evaluate
+    meta = read_task_meta(data_dir)
+    dev = load_dev(data_dir, meta["dev_splits"])
+    with tempfile.TemporaryDirectory(prefix="dynaflow-bench-gates-") as work:
+        entries = measure(candidates, cfg.profiles, meta["task"], dev, cfg, reference_batch(data_dir, 0),
+                          Path(work))  # fmt: skip
+    methods = list(dict.fromkeys(c.method for c in candidates))
+    sources = {m: OUT for m in methods}
+    return results_document(methods, meta["task"], meta["main_metric"], sources, cfg, machine.machine_info(),
+                            entries)  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from dynaflow.evaluation.report import write_report
     from dynaflow.methods.gates import METHOD, POWER_BERT
     from dynaflow.methods.gates.candidates import gated_model
     from stages.gates import run_name, train_gates
-    from stages.measure import chosen_on, measure_into
     from stages.powerbert import train_power_bert
-    from stages.registry import Layout
-    from stages.select import STAGE as SELECT
-    from stages.select import rebuild_report
 
     root = args.project.resolve()
-    params, layout = load_params(root / "params.yaml", args.set), Layout(root)
+    params = load_params(root / "params.yaml", args.set)
     trained = {"gates": train_family(root, params, "gates", train_gates),
                "powerbert": train_family(root, params, "powerbert", train_power_bert)}  # fmt: skip
     if args.train_only:
         return {"project": str(root), "overrides": args.set, "trained": trained}
-    data_dir, cfg, results = layout.out("data"), params.evaluate, {}
+    found = baselines(root, params)
     for method, family in ((METHOD, "gates"), (POWER_BERT, "powerbert")):
         where = root / OUT / family
-        found = [gated_model(where / run_name(lam), method) for lam in getattr(params, family).lambdas]
-        results[family] = measure_into(found, method, where, data_dir, cfg.profiles, cfg, root, where,
-                                       chosen_on(getattr(params, family).selection, data_dir))  # fmt: skip
-    report, _ = rebuild_report(root, [root / SELECT.out, root / OUT / "gates", root / OUT / "powerbert"],
-                               root / REPORT)  # fmt: skip
-    merged = json.loads((root / REPORT / "results.json").read_text())
+        found += [gated_model(where / run_name(lam), method) for lam in getattr(params, family).lambdas]
+    results = measure_together(root, params, found)
+    report = write_report(results, root / REPORT)
     return {
         "project": str(root),
         "overrides": args.set,
@@ -94,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "fronts": {
             e["profile"]["name"]: [r["candidate"] for r in front_p90(e["rows"])]
-            for e in merged["profiles"]
+            for e in results["profiles"]
             if e["status"] == "measured"
         },  # fmt: skip
         "report": str(report.relative_to(root)),
@@ -112,8 +159,18 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{m['kept_per_layer']} | {m['gflops_per_example']:.3f} | {m['flops_reduction']:.2f}x | "
                 f"{m['wall_seconds']:.0f} |"
             )
-    for profile, front in result.get("fronts", {}).items():
-        lines.append(f"\n{profile} front (p90): {', '.join(front)}")
+    for entry in result.get("results", {}).get("profiles", []):
+        if entry["status"] != "measured":
+            continue
+        lines += [f"\n{entry['profile']['name']} (dev batches of {entry['profile']['batch_size']}):",
+                  "| candidate | dev | GFLOPs/dev example | median ms | p90 ms |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in sorted(entry["rows"], key=lambda r: r["latency_median_ms"]):
+            flops = r.get("gflops_per_dev_example")
+            shown = "-" if flops is None else f"{flops:.3f}"
+            lines.append(f"| {r['candidate']} | {r['metric']:.4f} | {shown} "
+                         f"| {r['latency_median_ms']:.2f} | {r['latency_p90_ms']:.2f} |")  # fmt: skip
+        lines.append(f"front (p90): {', '.join(result['fronts'][entry['profile']['name']])}")
     return "\n".join(lines)
 
 
