@@ -261,7 +261,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def lambda_plots(lambdas: list[float], what: str) -> dict[str, dict[str, str]]:
-    return {f"{run_name(lam)}/{LOSS_CURVE}": loss_plot(f"{what} λ={lam:g}: training loss")[LOSS_CURVE]
+    return {f"{run_name(lam)}/{LOSS_CURVE}": loss_plot(f"{what} lambda={lam:g}: training loss")[LOSS_CURVE]
             for lam in lambdas}  # fmt: skip
 
 
