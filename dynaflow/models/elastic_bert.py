@@ -484,14 +484,17 @@ class ElasticBertForSequenceClassification(PreTrainedModel):
             attn_mask = (1.0 - m) * torch.finfo(x.dtype).min
         x, hidden_states = self.bert.encoder(x, attn_mask, shape, head_mask, output_hidden_states)
         logits = self.classifier(self.dropout(self.bert.pooler(x)))
+        return SequenceClassifierOutput(
+            loss=self.classification_loss(logits, labels), logits=logits, hidden_states=hidden_states
+        )
 
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1 or self.config.problem_type == "regression":
-                loss = F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
-            else:
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=hidden_states)
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Hugging Face's: MSE for one output (regression), cross-entropy otherwise; None without labels."""
+        if labels is None:
+            return None
+        if self.num_labels == 1 or self.config.problem_type == "regression":
+            return F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
+        return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
 
 
 def _register_auto() -> None:

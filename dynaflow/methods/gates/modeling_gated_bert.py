@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -155,14 +154,10 @@ class GatedBertForSequenceClassification(ElasticBertForSequenceClassification):
             if hidden_states is not None:
                 hidden_states.append(x)
         logits = self.classifier(self.dropout(self.bert.pooler(x)))
-        loss = None
-        if labels is not None:
-            if self.num_labels == 1 or self.config.problem_type == "regression":
-                loss = F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype))
-            else:
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         states = tuple(hidden_states) if hidden_states is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+        return SequenceClassifierOutput(
+            loss=self.classification_loss(logits, labels), logits=logits, hidden_states=states
+        )
 
     def _layer(
         self, j: int, layer: nn.Module, x: torch.Tensor, presence: torch.Tensor
