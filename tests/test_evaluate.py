@@ -105,6 +105,23 @@ def test_peak_memory_sees_what_the_runner_holds() -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
+def test_latency_is_timed_on_dev_batches_each_padded_to_its_own_longest() -> None:
+    from dynaflow.data.splits import TokenizedSplit
+
+    lengths = [3, 7, 2, 9, 4]
+    split = TokenizedSplit([np.arange(1, n + 1) for n in lengths], [np.zeros(n, np.int8) for n in lengths],
+                           np.zeros(len(lengths), np.int64))  # fmt: skip
+    batches = hardware.dev_batches(split, batch_size=2, count=10, seq_len=8)
+    assert [b["input_ids"].shape for b in batches] == [(2, 7), (2, 8), (1, 4)]  # 9 tokens cut to seq_len 8
+    assert [b["attention_mask"].sum(1).tolist() for b in batches] == [[3, 7], [2, 8], [4]]
+    assert len(hardware.dev_batches(split, 2, count=2, seq_len=8)) == 2  # a seeded draw of `count` batches
+    calls: list[int] = []
+    run = hardware.cycling([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(4):
+        run()
+    assert calls == [0, 1, 2, 0]  # every candidate's n-th call runs the same batch
+
+
 # Selection and Pareto front (synthetic tables)
 
 
