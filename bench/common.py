@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dynaflow.core.artifacts import atomic_write_json
@@ -72,3 +75,20 @@ def select_each(results: dict[str, Any], cfg: Any) -> None:
                 entry["rows"], profile.latency_ms, profile.memory_mb, cfg.budget_stat, profile.name
             )
             entry["selection"] = chosen.as_dict()
+
+
+def trained_once(out: Path, train: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``out``'s ``metrics.json`` with its ``timing.json``; when absent, ``train(folder)`` writes the model
+    into a partial folder first, renamed to ``out`` once done (a killed run leaves no model that looks
+    finished). Timing: the wall seconds, and the training seconds when ``train`` returns them."""
+    if not (out / "metrics.json").is_file():
+        partial = out.with_name(f".{out.name}.partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        found = train(partial)
+        timing = {"wall_seconds": time.perf_counter() - started}
+        if "train_seconds" in found:
+            timing["train_seconds"] = found["train_seconds"]
+        (partial / "timing.json").write_text(json.dumps(timing))
+        partial.rename(out)
+    return json.loads((out / "metrics.json").read_text()) | json.loads((out / "timing.json").read_text())

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any
 
-from common import front_p90, project_main
+from common import front_p90, project_main, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -45,22 +44,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trained: dict[str, Any] = {}
     for groups in params.convbert.groups:
         name = student_name(groups)
-        out = where / name
-        if not (out / "metrics.json").is_file():
-            tmp = where / f".{name}.partial"
-            tmp.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            metrics = distil_student(
-                params.convbert, groups, params.seed, layout.out("rewire"), layout.out("teacher"),
-                layout.out("data"), tmp, layout.work(f"convbert-bench-{name}"), "bench", NullTracker(),
-            )  # fmt: skip
-            (tmp / "timing.json").write_text(json.dumps({
-                "train_seconds": metrics["train_seconds"], "wall_seconds": time.perf_counter() - started,
-            }))  # fmt: skip
-            tmp.rename(out)
-        trained[name] = json.loads((out / "metrics.json").read_text()) | json.loads(
-            (out / "timing.json").read_text()
-        )
+        trained[name] = trained_once(where / name, lambda folder, groups=groups, name=name: distil_student(
+            params.convbert, groups, params.seed, layout.out("rewire"), layout.out("teacher"),
+            layout.out("data"), folder, layout.work(f"convbert-bench-{name}"), "bench", NullTracker(),
+        ))  # fmt: skip
     candidates = [student(where / student_name(g)) for g in params.convbert.groups]
     data_dir, cfg = layout.out("data"), params.evaluate
     results = measure_into(candidates, METHOD, where, data_dir, cfg.profiles, cfg, root, where,

@@ -21,11 +21,10 @@ import argparse
 import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from common import front_p90, project_main
+from common import front_p90, project_main, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -45,18 +44,10 @@ def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, 
     fingerprint = "bench-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
     for lam in getattr(params, family).lambdas:
         name = run_name(lam)
-        out = where / name
-        if not (out / "metrics.json").is_file():
-            tmp = where / f".{name}.partial"
-            tmp.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            train(params, lam, layout.out("teacher"), layout.out("data"), tmp,
-                  layout.work(f"gates-bench-{family}-{name}"), fingerprint, NullTracker())  # fmt: skip
-            (tmp / "timing.json").write_text(json.dumps({"wall_seconds": time.perf_counter() - started}))
-            tmp.rename(out)
-        trained[name] = json.loads((out / "metrics.json").read_text()) | json.loads(
-            (out / "timing.json").read_text()
-        )
+        trained[name] = trained_once(where / name, lambda folder, lam=lam, name=name: train(
+            params, lam, layout.out("teacher"), layout.out("data"), folder,
+            layout.work(f"gates-bench-{family}-{name}"), fingerprint, NullTracker(),
+        ))  # fmt: skip
     return trained
 
 

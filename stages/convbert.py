@@ -16,7 +16,6 @@ serving cut batches from length-sorted examples, which keeps the padding, and th
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -28,6 +27,7 @@ from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, TokenizedSplit, load_split, read_task_meta
 from stages.registry import Stage, StageContext, extremes, register
+from stages.teacher import teacher_scores
 
 log = logging.getLogger(__name__)
 PADDING_BATCH = 64  # the padded batches of the padding check: dev in its own order, so lengths mix
@@ -142,9 +142,7 @@ def distil_student(
             "selected_step": selected_step,
         }
     )
-    teacher_metrics = teacher_dir / "metrics.json"
-    if teacher_metrics.is_file():
-        metrics |= {f"teacher.{k}": v for k, v in json.loads(teacher_metrics.read_text()).items()}
+    metrics |= teacher_scores(teacher_dir)
     # Deterministic content only in the artifact (see stages/teacher.py); timings go to metrics/ and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)
     atomic_write_json(out_dir / LOSS_CURVE, curve_records(result.loss_history))

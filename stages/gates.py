@@ -17,7 +17,6 @@ Checkpoints go to ``work_dir/l<λ>/``: a killed run resumes in the λ it was tra
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from stages.registry import Stage, StageContext, extremes, register
+from stages.teacher import teacher_scores
 
 log = logging.getLogger(__name__)
 GATES_FILE = "gates.json"
@@ -189,9 +189,7 @@ def save_gated(
     metrics: dict[str, Any] = hard | {f"soft.{k}": v for k, v in soft.items()} | budget | extra
     metrics |= gate_summary(model.gates, record["positions"])
     metrics |= {k: record[k] for k in ("steps", "selected_step", "positions")}
-    teacher_metrics = teacher_dir / "metrics.json"
-    if teacher_metrics.is_file():
-        metrics |= {f"teacher.{k}": v for k, v in json.loads(teacher_metrics.read_text()).items()}
+    metrics |= teacher_scores(teacher_dir)
     mark_remote(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)

@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def teacher_scores(teacher_dir: Path, prefix: str = "teacher") -> dict[str, Any]:
+    """The teacher's recorded dev metrics as ``<prefix>.<key>`` entries, for a student's metrics beside its
+    own (nothing when the teacher recorded none)."""
+    path = Path(teacher_dir) / "metrics.json"
+    if not path.is_file():
+        return {}
+    return {f"{prefix}.{k}": v for k, v in json.loads(path.read_text()).items()}
+
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
     import torch.nn.functional as F
 

@@ -12,7 +12,6 @@ held-out training rows; see :mod:`dynaflow.training.selection`).
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_split, read_task_meta
 from stages.registry import Stage, StageContext, register
+from stages.teacher import teacher_scores
 
 # torch and transformers are imported where they are used, as in every stage module: `dynaflow status`
 # imports them all to read the declarations and must stay fast.
@@ -148,9 +148,7 @@ def compress(
         "steps": result.global_step,
         "selected_step": selected_step,
     }
-    teacher_metrics = teacher_dir / "metrics.json"
-    if teacher_metrics.is_file():
-        metrics |= {f"predecessor.{k}": v for k, v in json.loads(teacher_metrics.read_text()).items()}
+    metrics |= teacher_scores(teacher_dir, "predecessor")
     rates = [(t + 1, *gates_at(t)) for t in range(result.global_step)]
     # Deterministic content only in the artifact (see stages/teacher.py); timings go to metrics/ and MLflow.
     atomic_write_json(out_dir / "metrics.json", metrics)

@@ -73,7 +73,6 @@ class Prepared:
     onnx_path: Path | None
     precision: str = "float32"
     int8: dict[str, Any] | None = None
-    dev_lengths: list[int] | None = None  # the dev inputs' lengths (FLOPs per dev example)
 
     def runs_on(self, profile: HardwareProfile) -> bool:
         return self.precision == "float32" or int8_profile(profile)
@@ -96,12 +95,12 @@ class Prepared:
             return c.flops(seq_len) / 1e9
         return counted_flops(self.model, self.model.config.vocab_size, seq_len) / 1e9
 
-    def gflops_dev(self) -> float | None:
+    def gflops_dev(self, lengths: Sequence[int]) -> float | None:
         """Mean encoder GFLOPs per dev input, each at its own length (analytic counts only: None without)."""
-        if self.candidate.flops is None or not self.dev_lengths:
+        if self.candidate.flops is None or not lengths:
             return None
-        per_length = {n: self.candidate.flops(n) for n in set(self.dev_lengths)}
-        return float(np.mean([per_length[n] for n in self.dev_lengths])) / 1e9
+        per_length = {n: self.candidate.flops(n) for n in set(lengths)}
+        return float(np.mean([per_length[n] for n in lengths])) / 1e9
 
 
 def int8_profile(profile: HardwareProfile) -> bool:
@@ -219,6 +218,7 @@ def measure_profile(
     threads = hardware.resolve_threads(profile)
     inputs = latency_inputs(profile, cfg, vocab_size, dev)
     longest = hardware.synthetic_inputs(vocab_size, profile.batch_size, profile.seq_len)
+    dev_lengths = [len(ids) for ids in dev.input_ids] if dev is not None else []
     sync = torch.cuda.synchronize if profile.device == "cuda" else None
     by_id = {p.row_id()["candidate"]: p for p in prepared if p.runs_on(profile)}
     with hardware.pinned_threads(threads):
@@ -248,7 +248,7 @@ def measure_profile(
             "metrics": p.scores,
             "params": p.params,
             "gflops_per_seq": p.gflops(profile.seq_len),
-            "gflops_per_dev_example": p.gflops_dev(),
+            "gflops_per_dev_example": p.gflops_dev(dev_lengths),
             "file_mb": (file_bytes or p.hf_bytes) / 1e6,
             "memory_mb": memory[k],
             "latency_median_ms": s.median_ms,
@@ -398,6 +398,4 @@ def measure(
     prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx, check_batch, int8)
     vocab_size = prepared[0].model.config.vocab_size
     first = next(iter(dev.values()))
-    for p in prepared:
-        p.dev_lengths = [len(ids) for ids in first.input_ids]
     return measure_entries(profiles, notes, prepared, cfg, vocab_size, machine_info(), first)

@@ -23,7 +23,28 @@ from dynaflow.models.elastic_bert import (
     subnet_shape,
 )
 
-__all__ = ["count_parameters", "extract_subnetwork", "subnetwork_flops", "subnetwork_params"]
+__all__ = [
+    "count_parameters",
+    "elastic_remote_code",
+    "extract_subnetwork",
+    "subnetwork_flops",
+    "subnetwork_params",
+]
+
+
+def elastic_remote_code() -> str:
+    """``elastic_bert.py`` for ``trust_remote_code``, not registering with the Auto classes.
+
+    Loaded as remote code, transformers maps the classes through ``config.auto_map``; registering them too
+    would re-point ``elastic_bert`` to the remote copy in a process that also imports dynaflow.
+    """
+    from pathlib import Path
+
+    import dynaflow.models.elastic_bert as source
+
+    return Path(source.__file__).read_text().replace(
+        "\n_register_auto()\n", "\n# Loaded as remote code: transformers maps the classes via auto_map.\n"
+    )
 
 
 def _head_size(config: BertConfig) -> int:

@@ -8,7 +8,6 @@ so ``trust_remote_code=True`` opens them where dynaflow is not installed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ import torch
 from dynaflow.evaluation.candidates import Batch, Candidate
 from dynaflow.methods.dynabert import METHOD
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
-from dynaflow.models.extract import extract_subnetwork, subnetwork_flops
+from dynaflow.models.extract import elastic_remote_code, extract_subnetwork, subnetwork_flops
 
 REMOTE_CODE = "modeling_elastic_bert.py"
 
@@ -24,20 +23,6 @@ REMOTE_CODE = "modeling_elastic_bert.py"
 def point_name(width: float, depth: float) -> str:
     """``w0.5_d0.75``: the key the distillation stages' ``grid.json`` uses for a sub-network."""
     return f"w{float(width)}_d{float(depth)}"
-
-
-def remote_code() -> str:
-    """``dynaflow/models/elastic_bert.py`` for ``trust_remote_code``, not registering with the Auto classes.
-
-    Loaded as remote code, transformers maps the classes through ``config.auto_map``; registering them too
-    would re-point ``elastic_bert`` to the remote copy in a process that also imports dynaflow.
-    """
-    import dynaflow.models.elastic_bert as source
-
-    text = Path(source.__file__).read_text()
-    return text.replace(
-        "\n_register_auto()\n", "\n# Loaded as remote code: transformers maps the classes via auto_map.\n"
-    )
 
 
 @torch.inference_mode()
@@ -80,7 +65,7 @@ def subnetwork(model: ElasticBertForSequenceClassification, width: float, depth:
         ),
         reference=lambda batch: elastic_logits(model, width, depth, batch),
         flops=lambda seq_len: float(subnetwork_flops(model.config, width, depth, seq_len)),
-        remote_code={REMOTE_CODE: remote_code()},
+        remote_code={REMOTE_CODE: elastic_remote_code()},
     )
 
 

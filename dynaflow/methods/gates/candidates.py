@@ -7,13 +7,16 @@ input of ``n`` real tokens through the layers' kept lengths.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+
+import torch
 
 from dynaflow.evaluation.candidates import Candidate
 from dynaflow.methods.gates import METHOD
 from dynaflow.methods.gates import modeling_gated_bert as gated
-from dynaflow.models import elastic_bert
+from dynaflow.models.extract import elastic_remote_code
 
 REMOTE_CODE = "modeling_gated_bert.py"
 ELASTIC_CODE = "elastic_bert.py"  # imported by the gated model's file, beside it in the export
@@ -22,19 +25,12 @@ ELASTIC_CODE = "elastic_bert.py"  # imported by the gated model's file, beside i
 def remote_code() -> dict[str, str]:
     """Both files, the gated one importing the elastic one relatively; neither registers Auto classes
     (transformers maps the classes through ``config.auto_map``)."""
-    elastic = (
-        Path(elastic_bert.__file__)
-        .read_text()
-        .replace(
-            "\n_register_auto()\n", "\n# Loaded as remote code: transformers maps the classes via auto_map.\n"
-        )
-    )
     source = (
         Path(gated.__file__)
         .read_text()
         .replace("from dynaflow.models.elastic_bert import", "from .elastic_bert import")
     )
-    return {REMOTE_CODE: source, ELASTIC_CODE: elastic}
+    return {REMOTE_CODE: source, ELASTIC_CODE: elastic_remote_code()}
 
 
 def mark_remote(model: gated.GatedBertForSequenceClassification) -> None:
@@ -51,8 +47,6 @@ def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
     model_dir = Path(model_dir)
     config = gated.GatedBertConfig.from_pretrained(model_dir)
     info = json.loads((model_dir / "metrics.json").read_text())
-    model = gated.GatedBertForSequenceClassification.from_pretrained(model_dir).eval()
-    keep = model.keep_mask()
     layers = config.num_hidden_layers
     arch = {"width": 1.0, "depth": 1.0, "layers": layers, "heads": config.layer_heads(0),
             "intermediate": config.layer_intermediate(0), "lambda": info["lambda"],
@@ -61,7 +55,7 @@ def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
     family = (
         "token gates with a bi-modal regulariser (one stage)"
         if method == METHOD
-        else ("PoWER-BERT (soft-extract search, then retraining with hard extraction)")
+        else "PoWER-BERT (soft-extract search, then retraining with hard extraction)"
     )
 
     def build() -> gated.GatedBertForSequenceClassification:
@@ -69,6 +63,10 @@ def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
         built.config.hard_gates = True
         mark_remote(built)
         return built
+
+    @functools.cache
+    def keep() -> torch.Tensor:  # read when FLOPs are counted, not when the candidate is listed
+        return build().keep_mask()
 
     return Candidate(
         method=method,
@@ -84,6 +82,6 @@ def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
             f"(inputs: {info['kept_per_layer'][0]}), {info['flops_reduction']:.2f}x fewer encoder FLOPs than "
             "the teacher. Remote code: open with `trust_remote_code=True`."
         ),
-        flops=lambda seq_len: float(gated.gated_flops(config, gated.kept_lengths(keep, seq_len))),
+        flops=lambda seq_len: float(gated.gated_flops(config, gated.kept_lengths(keep(), seq_len))),
         remote_code=remote_code(),
     )
