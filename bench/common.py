@@ -92,3 +92,12 @@ def trained_once(out: Path, train: Callable[[Path], dict[str, Any]]) -> dict[str
         (partial / "timing.json").write_text(json.dumps(timing))
         partial.rename(out)
     return json.loads((out / "metrics.json").read_text()) | json.loads((out / "timing.json").read_text())
+
+
+def settings_fingerprint(section: Any, seed: int) -> str:
+    """A training checkpoint's fingerprint from its params section and seed: a bench run resumes a
+    checkpoint only under the same settings (the stages use their cache key for this)."""
+    import hashlib
+
+    settings = json.dumps([section.model_dump(mode="json"), seed], sort_keys=True)
+    return "bench-" + hashlib.sha256(settings.encode()).hexdigest()[:16]

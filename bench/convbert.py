@@ -20,7 +20,7 @@ import argparse
 import json
 from typing import Any
 
-from common import front_p90, project_main, trained_once
+from common import front_p90, project_main, settings_fingerprint, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = student_name(groups)
         trained[name] = trained_once(where / name, lambda folder, groups=groups, name=name: distil_student(
             params.convbert, groups, params.seed, layout.out("rewire"), layout.out("teacher"),
-            layout.out("data"), folder, layout.work(f"convbert-bench-{name}"), "bench", NullTracker(),
+            layout.out("data"), folder, layout.work(f"convbert-bench-{name}"),
+            settings_fingerprint(params.convbert, params.seed), NullTracker(),
         ))  # fmt: skip
     candidates = [student(where / student_name(g)) for g in params.convbert.groups]
     data_dir, cfg = layout.out("data"), params.evaluate

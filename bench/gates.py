@@ -18,13 +18,11 @@ against the teacher's, training time, and latency on every profile; then each pr
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import front_p90, project_main, trained_once
+from common import front_p90, project_main, settings_fingerprint, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -39,9 +37,7 @@ def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, 
     from stages.registry import Layout
 
     layout, where, trained = Layout(root), root / OUT / family, {}
-    # checkpoints resume only under the same settings (the stages use their cache key for this)
-    settings = json.dumps([getattr(params, family).model_dump(), params.seed], sort_keys=True)
-    fingerprint = "bench-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
+    fingerprint = settings_fingerprint(getattr(params, family), params.seed)
     for lam in getattr(params, family).lambdas:
         name = run_name(lam)
         trained[name] = trained_once(where / name, lambda folder, lam=lam, name=name: train(
