@@ -101,3 +101,56 @@ def settings_fingerprint(section: Any, seed: int) -> str:
 
     settings = json.dumps([section.model_dump(mode="json"), seed], sort_keys=True)
     return "bench-" + hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def teacher_candidate(teacher_dir: Path) -> Any:
+    """The fine-tuned teacher as a candidate of its own (the source every gated model starts from)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dynaflow.evaluation.candidates import Candidate
+    from dynaflow.models.extract import subnetwork_flops
+
+    config = BertConfig.from_pretrained(teacher_dir)
+    arch = {"width": 1.0, "depth": 1.0, "layers": config.num_hidden_layers,
+            "heads": config.num_attention_heads, "intermediate": config.intermediate_size}  # fmt: skip
+    return Candidate(
+        method="teacher", name="teacher", arch=arch, label="teacher",
+        build=lambda: BertForSequenceClassification.from_pretrained(teacher_dir).eval(),
+        flops=lambda n: float(subnetwork_flops(config, 1.0, 1.0, n)),
+    )  # fmt: skip
+
+
+def baselines(root: Path, params: Any) -> list[Any]:
+    """The teacher, and DynaBERT's grid when the project trained one."""
+    from stages.evaluate import candidates as dynabert_grid
+    from stages.registry import Layout
+
+    layout = Layout(root)
+    found = [teacher_candidate(layout.out("teacher"))]
+    if (layout.out("depth_kd") / "config.json").is_file():
+        found += dynabert_grid(params, layout)
+    return found
+
+
+def measure_together(root: Path, params: Any, candidates: list[Any], source: str) -> dict[str, Any]:
+    """Every candidate through one harness call: the same dev batches, timed in the same interleaved
+    rounds (no method measured in a quieter minute than another); ``source``: where the bench's models are."""
+    import tempfile
+
+    from dynaflow.data.splits import read_task_meta
+    from dynaflow.evaluation import machine
+    from dynaflow.evaluation.export import reference_batch
+    from dynaflow.evaluation.harness import measure, results_document
+    from dynaflow.evaluation.scoring import load_dev
+    from stages.registry import Layout
+
+    data_dir, cfg = Layout(root).out("data"), params.evaluate
+    meta = read_task_meta(data_dir)
+    dev = load_dev(data_dir, meta["dev_splits"])
+    with tempfile.TemporaryDirectory(prefix="dynaflow-bench-") as work:
+        entries = measure(candidates, cfg.profiles, meta["task"], dev, cfg, reference_batch(data_dir, 0),
+                          Path(work))  # fmt: skip
+    methods = list(dict.fromkeys(c.method for c in candidates))
+    sources = {m: source for m in methods}
+    return results_document(methods, meta["task"], meta["main_metric"], sources, cfg, machine.machine_info(),
+                            entries)  # fmt: skip

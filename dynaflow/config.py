@@ -357,6 +357,84 @@ class PowerBertConfig(_GatedTraining):
     selection: Selection = selection_field("retrained model's main score at an epoch end")
 
 
+class _AdaBertTraining(_Section):
+    """The training fields the AdaBERT search and retraining share (``dynaflow.training.loop``)."""
+
+    epochs: int = Field(6, gt=0)
+    batch_size: int = Field(64, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="the student's weights (trained from scratch)")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(3e-4, ge=0, description="the official code's L2 on the weights")
+    max_grad_norm: float = Field(5.0, gt=0, description="the official TF code clips at 5")
+    checkpoint_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: each epoch end)")
+    precision: Precision = precision_field()
+
+
+class AdaBertStudentConfig(_Section):
+    """AdaBERT (Chen et al., 2020): the student's search space and its distillation, shared by the probes,
+    the search and every retraining."""
+
+    hidden_size: int = Field(128, gt=0, description="the cells' width (the paper's 128)")
+    max_cells: int = Field(4, ge=1, le=16, description="K_max: the search picks K in 1..K_max (paper: 8)")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    gamma: float = Field(
+        0.8, ge=0, le=1, description="γ: weight of the probe distillation (1 − γ: the labels)"
+    )
+    attentive: bool = Field(
+        True,
+        description="weight the matched layers by how right their probes are (the PyTorch code) | uniform",
+    )
+    parameter_free_cap: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="at most this fraction of a derived cell's 6 edges may be pooling or identity (0: none; "
+        "1: no cap); guards against the search collapsing to parameter-free cells",
+    )
+    probe_steps: int = Field(300, gt=0, description="full-batch Adam steps of the teacher-layer probes")
+    probe_learning_rate: float = Field(1e-2, gt=0, lt=1)
+    eval_batch_size: int = Field(256, gt=0, description="teacher features and student scoring")
+
+
+class AdaBertSearchConfig(_AdaBertTraining):
+    """The differentiable search: weights and architecture updated on the same batches (first order)."""
+
+    arch_learning_rate: float = Field(3e-3, gt=0, lt=1, description="the architecture weights' learning rate")
+    arch_warmup_epochs: int = Field(
+        2,
+        ge=0,
+        description="epochs of weight training on uniformly sampled ops before the architecture moves",
+    )
+    beta: float = Field(
+        0.1, ge=0, description="β: weight of the efficiency loss (prices: FLOPs per token relative to conv7)"
+    )
+    tau_max: float = Field(1.0, gt=0, description="Gumbel-softmax temperature at the first step")
+    tau_min: float = Field(0.2, gt=0, description="... annealed exponentially to this at the last step")
+    single_path: bool = Field(
+        True, description="run only each edge's sampled op (GDAS-style, ~10x cheaper) | every op, weighted"
+    )
+
+    @model_validator(mode="after")
+    def _schedule(self) -> AdaBertSearchConfig:
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must not exceed tau_max ({self.tau_max})")
+        if self.arch_warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"arch_warmup_epochs ({self.arch_warmup_epochs}) must be below epochs ({self.epochs}): "
+                "the architecture would never be searched"
+            )
+        return self
+
+
+class AdaBertTrainConfig(_AdaBertTraining):
+    """Retraining: the searched genotype, and the random-search control, from scratch with the same budget."""
+
+    random_architectures: int = Field(
+        4, ge=1, description="the control: this many random genotypes, each retrained alike, best on held-out"
+    )
+    selection: Selection = selection_field("student's main score at an epoch end")
+
+
 class HardwareProfile(_Section):
     """One deployment target: where and how a sub-network runs, and the budget it must fit."""
 
@@ -547,6 +625,9 @@ class Params(_Section):
     convbert: ConvBertStudentConfig = ConvBertStudentConfig()
     gates: GatesConfig = GatesConfig()
     powerbert: PowerBertConfig = PowerBertConfig()
+    adabert: AdaBertStudentConfig = AdaBertStudentConfig()
+    adabert_search: AdaBertSearchConfig = AdaBertSearchConfig()
+    adabert_train: AdaBertTrainConfig = AdaBertTrainConfig()
     launch: LaunchConfig = LaunchConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     serve: ServeConfig = ServeConfig()

@@ -56,6 +56,8 @@ STAGE_MODULES = (
     "gates",
     "powerbert",
     "gates_eval",
+    "adabert",
+    "adabert_eval",
     "select",
 )
 for _module in STAGE_MODULES:

@@ -162,6 +162,9 @@ def tiny_params(backbone: Path, glue_dir: Path, **teacher: object) -> dict:
         # Its groups stay the shipped ones: dvc.yaml declares a loss-curve plot per student.
         "convbert": {"epochs": 1, "kernel_size": 3},
         "gates": {"epochs": 1},  # its lambdas stay the shipped ones, as convbert.groups (plots per λ)
+        "adabert": {"hidden_size": 16, "max_cells": 2, "probe_steps": 20},
+        "adabert_search": {"epochs": 2, "arch_warmup_epochs": 1, "batch_size": 8},
+        "adabert_train": {"epochs": 1, "batch_size": 8, "random_architectures": 2},
     }
 
 

@@ -191,9 +191,10 @@ def equal_layers_table(entry: dict[str, Any], metric_name: str) -> list[str]:
     """Candidates of different methods with as many layers, side by side (empty with one method)."""
     rows = entry.get("rows") or []
     by_layers: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_layers.setdefault(r.get("layers"), []).append(r)
-    groups = [g for _, g in sorted(by_layers.items(), key=lambda kv: -(kv[0] or 0)) if len(methods_of(g)) > 1]
+    for r in rows:  # a model without transformer layers (AdaBERT's cells) has no row here
+        if r.get("layers") is not None:
+            by_layers.setdefault(r["layers"], []).append(r)
+    groups = [g for _, g in sorted(by_layers.items(), key=lambda kv: -kv[0]) if len(methods_of(g)) > 1]
     if not groups:
         return []
     lines = [
