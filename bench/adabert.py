@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import baselines, front_p90, measure_together, project_main, settings_fingerprint, trained_once
+from common import baselines, fronts, measure_together, project_main, settings_fingerprint, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -71,7 +71,7 @@ def run_stages(layout: BenchLayout, params: Any) -> dict[str, Any]:
         def train(folder: Path, name: str = name, stage: Any = stage, key: str = key) -> dict[str, Any]:
             metrics = stage.run(StageContext(name, params, layout, folder, key, NullTracker()))
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
-            return metrics | {"train_seconds": metrics.get("search_seconds", 0.0)}
+            return metrics
 
         folder = str(layout.out(name).relative_to(layout.root))
         done[name] = trained_once(layout.out(name), train) | {"folder": folder}
@@ -106,11 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trained": trained,
         "random": summary,
         "results": results,
-        "fronts": {
-            e["profile"]["name"]: [r["candidate"] for r in front_p90(e["rows"])]
-            for e in results["profiles"]
-            if e["status"] == "measured"
-        },  # fmt: skip
+        "fronts": fronts(results),
         "report": str(report.relative_to(root)),
     }
 
@@ -128,7 +124,9 @@ def markdown(result: dict[str, Any]) -> str:
         "| student | genotype | dev | held-out | params (M) | train s |",
         "|---|---|---|---|---|---|",
     ]
-    searched = {k.removeprefix("searched."): v for k, v in trained["adabert"].items()}
+    searched = {
+        k.removeprefix("searched."): v for k, v in trained["adabert"].items() if k.startswith("searched.")
+    }
     randoms = trained["adabert_random"]
     rows = {"searched": searched} | {
         f"random/{n}": a | {"train_seconds": randoms[f"{n}.train_seconds"]}

@@ -64,6 +64,15 @@ def front_p90(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def fronts(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Each measured profile's p90 front, as candidate ids."""
+    return {
+        e["profile"]["name"]: [r["candidate"] for r in front_p90(e["rows"])]
+        for e in results["profiles"]
+        if e["status"] == "measured"
+    }
+
+
 def select_each(results: dict[str, Any], cfg: Any) -> None:
     """Selection (no quality floor) on every measured profile of ``results``, in place."""
     from dynaflow.evaluation.selection import select

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import baselines, front_p90, measure_together, project_main, settings_fingerprint, trained_once
+from common import baselines, fronts, measure_together, project_main, settings_fingerprint, trained_once
 
 from dynaflow.config import load_params
 from dynaflow.core.tracking import NullTracker
@@ -73,11 +73,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "powerbert": params.powerbert.model_dump(),
         "trained": trained,
         "results": results,
-        "fronts": {
-            e["profile"]["name"]: [r["candidate"] for r in front_p90(e["rows"])]
-            for e in results["profiles"]
-            if e["status"] == "measured"
-        },  # fmt: skip
+        "fronts": fronts(results),
         "report": str(report.relative_to(root)),
     }
 

@@ -391,6 +391,11 @@ class AdaBertStudentConfig(_Section):
         description="at most this fraction of a derived cell's 6 edges may be pooling or identity (0: none; "
         "1: no cap); guards against the search collapsing to parameter-free cells",
     )
+    probe_pooling: Literal["pooler", "mean"] = Field(
+        "pooler",
+        description="a probe's input: the teacher's pooler on the layer's [CLS] (official) | tanh(mean of "
+        "the layer's real tokens)",
+    )
     probe_steps: int = Field(300, gt=0, description="full-batch Adam steps of the teacher-layer probes")
     probe_learning_rate: float = Field(1e-2, gt=0, lt=1)
     eval_batch_size: int = Field(256, gt=0, description="teacher features and student scoring")

@@ -69,7 +69,8 @@ def run_probes(ctx: StageContext) -> dict[str, Any]:
 
         feats, logits, size = [], [], p.adabert.eval_batch_size
         for start in tqdm(range(0, len(split), size), desc=f"teacher features ({name})", unit="batch"):
-            f, lg = teacher_features(teacher, collate(split, range(start, min(start + size, len(split)))))
+            rows = collate(split, range(start, min(start + size, len(split))))
+            f, lg = teacher_features(teacher, rows, p.adabert.probe_pooling)
             feats.append(f.numpy())
             logits.append(lg.numpy())
         return np.concatenate(feats), np.concatenate(logits)

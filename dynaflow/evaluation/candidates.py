@@ -54,6 +54,16 @@ class Candidate:
         }
 
 
+def remote_auto_map(code_file: str, config_class: str, model_class: str) -> dict[str, str]:
+    """A config's ``auto_map`` pointing at a method's remote code (``code_file`` shipped beside the weights),
+    so a saved model opens with ``trust_remote_code=True`` where dynaflow is not installed."""
+    module = code_file.removesuffix(".py")
+    return {
+        "AutoConfig": f"{module}.{config_class}",
+        "AutoModelForSequenceClassification": f"{module}.{model_class}",
+    }
+
+
 def counted_flops(model: torch.nn.Module, vocab_size: int, seq_len: int) -> float:
     """FLOPs of one forward pass over one sequence, as torch's FlopCounterMode counts them.
 

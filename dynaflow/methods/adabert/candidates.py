@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dynaflow.evaluation.candidates import Candidate
+from dynaflow.evaluation.candidates import Candidate, remote_auto_map
 from dynaflow.methods.adabert import METHOD
 from dynaflow.methods.adabert import modeling_adabert as adabert
 from dynaflow.methods.adabert.genotype import describe
@@ -23,11 +23,7 @@ def remote_code() -> dict[str, str]:
 
 def mark_remote(model: adabert.AdaBertForSequenceClassification) -> None:
     """Point the config's ``auto_map`` at the remote code, so a saved model opens without dynaflow."""
-    module = REMOTE_CODE.removesuffix(".py")
-    model.config.auto_map = {
-        "AutoConfig": f"{module}.AdaBertConfig",
-        "AutoModelForSequenceClassification": f"{module}.AdaBertForSequenceClassification",
-    }
+    model.config.auto_map = remote_auto_map(REMOTE_CODE, "AdaBertConfig", "AdaBertForSequenceClassification")
 
 
 def student(model_dir: Path, method: str = METHOD) -> Candidate:

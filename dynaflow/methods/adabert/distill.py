@@ -31,14 +31,19 @@ def matched_layers(depth: int, teacher_layers: int) -> list[int]:
 
 @torch.no_grad()
 def teacher_features(
-    teacher: torch.nn.Module, batch: dict[str, torch.Tensor]
+    teacher: torch.nn.Module, batch: dict[str, torch.Tensor], pooling: str = "pooler"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(probe inputs ``[B, L + 1, H]``, the teacher's logits ``[B, C]``) for one batch."""
+    """(probe inputs ``[B, L + 1, H]``, the teacher's logits ``[B, C]``) for one batch. ``pooling``: the
+    teacher's pooler on each layer's [CLS] (the official code; ``tanh(mean)`` for the embeddings), or
+    ``mean``: ``tanh(mean over real tokens)`` on every layer (the pooler was trained on the last one only)."""
     out = teacher(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
     hidden, mask = out.hidden_states, batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[0].dtype)
-    first = torch.tanh((hidden[0] * mask).sum(1) / mask.sum(1).clamp_min(1.0))
-    pooler = teacher.bert.pooler
-    layers = [first] + [pooler(h) for h in hidden[1:]]
+
+    def mean(h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh((h * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+    pool = teacher.bert.pooler if pooling == "pooler" else mean
+    layers = [mean(hidden[0])] + [pool(h) for h in hidden[1:]]
     return torch.stack(layers, 1).float(), out.logits.float()
 
 

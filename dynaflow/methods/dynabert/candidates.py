@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dynaflow.evaluation.candidates import Batch, Candidate
+from dynaflow.evaluation.candidates import Batch, Candidate, remote_auto_map
 from dynaflow.methods.dynabert import METHOD
 from dynaflow.models.elastic_bert import ElasticBertForSequenceClassification
 from dynaflow.models.extract import elastic_remote_code, extract_subnetwork, subnetwork_flops
@@ -39,11 +39,8 @@ def elastic_logits(
 def extracted(model: ElasticBertForSequenceClassification, width: float, depth: float) -> torch.nn.Module:
     """The sub-network as a standalone model whose saved config opens with ``trust_remote_code``."""
     sub = extract_subnetwork(model, width, depth).eval()
-    module = REMOTE_CODE.removesuffix(".py")
-    sub.config.auto_map = {
-        "AutoConfig": f"{module}.ElasticBertConfig",
-        "AutoModelForSequenceClassification": f"{module}.ElasticBertForSequenceClassification",
-    }
+    classes = ("ElasticBertConfig", "ElasticBertForSequenceClassification")
+    sub.config.auto_map = remote_auto_map(REMOTE_CODE, *classes)
     return sub
 
 

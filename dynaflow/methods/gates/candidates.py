@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dynaflow.evaluation.candidates import Candidate
+from dynaflow.evaluation.candidates import Candidate, remote_auto_map
 from dynaflow.methods.gates import METHOD
 from dynaflow.methods.gates import modeling_gated_bert as gated
 from dynaflow.models.extract import elastic_remote_code
@@ -35,11 +35,8 @@ def remote_code() -> dict[str, str]:
 
 def mark_remote(model: gated.GatedBertForSequenceClassification) -> None:
     """Point the config's ``auto_map`` at the remote code, so a saved model opens without dynaflow."""
-    module = REMOTE_CODE.removesuffix(".py")
-    model.config.auto_map = {
-        "AutoConfig": f"{module}.GatedBertConfig",
-        "AutoModelForSequenceClassification": f"{module}.GatedBertForSequenceClassification",
-    }
+    classes = ("GatedBertConfig", "GatedBertForSequenceClassification")
+    model.config.auto_map = remote_auto_map(REMOTE_CODE, *classes)
 
 
 def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
