@@ -418,6 +418,11 @@ class AdaBertSearchConfig(_AdaBertTraining):
     single_path: bool = Field(
         True, description="run only each edge's sampled op (GDAS-style, ~10x cheaper) | every op, weighted"
     )
+    every_depth: bool = Field(
+        True,
+        description="run all K_max cells every step, so the depth choice compares every depth's logits "
+        "(the official Σ y·logits) | only the cells up to the sampled K (cheaper; favours shallow)",
+    )
 
     @model_validator(mode="after")
     def _schedule(self) -> AdaBertSearchConfig:

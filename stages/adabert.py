@@ -201,7 +201,9 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
         depth_logits = supernet.depth_logits if searching else supernet.depth_logits.detach()
         op_weights = torch.nn.functional.gumbel_softmax(op_logits, tau=tau, hard=True, dim=-1)
         depth_weights = torch.nn.functional.gumbel_softmax(depth_logits, tau=tau, hard=True, dim=-1)
-        layer_logits = supernet.layer_logits(batch, op_weights, depth_weights, search.single_path)
+        layer_logits = supernet.layer_logits(
+            batch, op_weights, depth_weights, search.single_path, search.every_depth
+        )
         loss, parts = student_loss(layer_logits, labels, targets.batch.to(labels.device), cfg.gamma,
                                    cfg.attentive, meta["is_regression"])  # fmt: skip
         efficiency = efficiency_loss(torch.softmax(op_logits, -1), torch.softmax(depth_logits, -1),

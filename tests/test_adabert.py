@@ -219,3 +219,14 @@ def test_stages_end_to_end(project: Path, this_machine: None, monkeypatch: pytes
         assert {"adabert/searched", f"adabert_random/{summary['chosen']}"} <= {
             r["candidate"] for r in entry["rows"]
         }
+    # The searched student ships through the shared export: remote code, reloaded as a user without
+    # dynaflow would (trust_remote_code), and ONNX, both against the model's own logits.
+    from dynaflow.evaluation.export import export_candidate, reference_batch
+    from dynaflow.methods.adabert.candidates import student
+
+    out = project / "export"
+    summary = export_candidate(student(layout.out("adabert") / "searched"), out,
+                               tokenizer_dir=layout.out("data") / "tokenizer",
+                               batch=reference_batch(layout.out("data"), 0), onnx=True)  # fmt: skip
+    assert summary["diff_hf"] <= 1e-4 and summary["diff_onnx"] <= 1e-4
+    assert {"modeling_adabert.py", "model.onnx"} <= {p.name for p in out.iterdir()}

@@ -184,11 +184,14 @@ def agreement(int8: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def saved_logits(path: Path, batch: dict[str, torch.Tensor], expected_class: str) -> np.ndarray:
-    """Logits of the model saved at ``path``, loaded as a user would (the Auto class)."""
+def saved_logits(
+    path: Path, batch: dict[str, torch.Tensor], expected_class: str, remote_code: bool = False
+) -> np.ndarray:
+    """Logits of the model saved at ``path``, loaded as a user would (the Auto class; with the remote code
+    the export ships, when it ships some: what a user without dynaflow runs)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=remote_code).eval()
     if type(model).__name__ != expected_class:
         raise ExportMismatch(f"{path} loads as {type(model).__name__}, not {expected_class}")
     return model(**batch).logits.float().numpy()
@@ -378,7 +381,9 @@ def export_candidate(
         for name, text in candidate.remote_code.items():
             (tmp / name).write_text(text)
         summary["diff_hf"] = check_close(
-            "Hugging Face export", saved_logits(tmp, batch, type(model).__name__), want
+            "Hugging Face export",
+            saved_logits(tmp, batch, type(model).__name__, bool(candidate.remote_code)),
+            want,
         )
         if onnx:
             target = tmp / ONNX_FILE

@@ -102,20 +102,25 @@ class AdaBertSupernet(nn.Module):
         op_weights: torch.Tensor,
         depth_weights: torch.Tensor,
         single_path: bool = True,
+        every_depth: bool = True,
     ) -> list[torch.Tensor]:
-        """The logits of depths 1..K, K the depth ``depth_weights`` (one-hot) picks; the last is scaled by
-        its weight (1 forward, the depth choice's gradient backward)."""
+        """The logits of depths 1..K, K the depth ``depth_weights`` (one-hot) picks. The last is the official
+        ``Σ_l y_l · logits_l``: forward it is depth K's; backward each depth's logits reach its weight, so
+        with ``every_depth`` (all K_max cells run) the depth choice compares every depth, and without it
+        (cells up to K only: cheaper) the sampled depth sees its own logits alone, which favours whichever
+        depth is confident first. ``single_path``: each edge runs only its drawn op."""
         depth = int(depth_weights.argmax()) + 1
+        run = self.max_cells if every_depth else depth
         s0, s1, x, mask = self.stem(
             batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
         )
         pooled, out = [mean_pool(x, mask)], []
-        for cell, head in zip(self.cells[:depth], self.heads[:depth], strict=True):
+        for cell, head in zip(self.cells[:run], self.heads[:run], strict=True):
             s0, s1 = s1, cell(s0, s1, mask, op_weights, single_path)
             pooled.append(mean_pool(s1, mask))
             out.append(head(pooled))
-        out[-1] = out[-1] * depth_weights[depth - 1]
-        return out
+        mixed = sum((w * logits for w, logits in zip(depth_weights[:run], out, strict=True)), out[0] * 0)
+        return out[: depth - 1] + [mixed]
 
 
 @torch.no_grad()
