@@ -2,14 +2,16 @@
 those ran.
 
     GLUE_DIR=../shared/data/glue python bench/adabert.py --project PROJECT --out bench/adabert.json \\
-        [--train-only] [--set adabert_search.epochs=... ...]
+        [--train-only] [--all-variants] [--set adabert_search.epochs=... ...]
 
 Runs the four AdaBERT stages' own functions (probes, search, searched student, random control) from the
 project's data and teacher (the inputs DynaBERT used: equal terms) into ``PROJECT/artifacts/adabert-bench/``
 (a stage already done there is reused), measures the teacher, DynaBERT's grid, the searched student and the
 control's choice with the shared harness on every profile of the project's ``evaluate`` section in one call,
-and writes the merged report to ``PROJECT/reports/adabert/``. Stage functions, not the flow: a project made
-by an older dynaflow is compared as it is instead of being rebuilt.
+and writes the merged report to ``PROJECT/reports/adabert/``. Every random architecture is measured (the
+control's candidate is the one best on held-out rows); ``--all-variants`` also measures the searched
+student of every other settings variant trained under ``OUT`` (``searched-<key>``). Stage functions, not
+the flow: a project made by an older dynaflow is compared as it is instead of being rebuilt.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +93,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = json.loads((layout.out("adabert_random") / SUMMARY).read_text())
     if args.train_only:
         return {"project": str(root), "overrides": args.set, "trained": trained, "random": summary}
-    found = baselines(root, params) + [
-        adabert.student(layout.out("adabert") / SEARCHED),
-        adabert.student(layout.out("adabert_random") / summary["chosen"], RANDOM),
-    ]
+    found = baselines(root, params) + [adabert.student(layout.out("adabert") / SEARCHED)]
+    random_dir = layout.out("adabert_random")
+    found += [adabert.student(random_dir / name, RANDOM) for name in sorted(summary["architectures"])]
+    if args.all_variants:  # every other search run under OUT (other settings), named by its folder
+        for folder in sorted((root / OUT).glob("adabert-*")):
+            if folder != layout.out("adabert") and (folder / SEARCHED / "metrics.json").is_file():
+                variant = adabert.student(folder / SEARCHED)
+                found.append(replace(variant, name=folder.name.replace("adabert-", "searched-"),
+                                     label=f"{variant.label} ({folder.name[8:12]})"))  # fmt: skip
     results = measure_together(root, params, found, OUT)
     report = write_report(results, root / REPORT)
     return {
@@ -153,5 +160,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.argv, train_only = [a for a in sys.argv if a != "--train-only"], "--train-only" in sys.argv
-    project_main(__doc__, lambda args: run(argparse.Namespace(**vars(args), train_only=train_only)), markdown)
+    flags = {"--train-only": "train_only", "--all-variants": "all_variants"}
+    given = {name: flag in sys.argv for flag, name in flags.items()}
+    sys.argv = [a for a in sys.argv if a not in flags]
+    project_main(__doc__, lambda args: run(argparse.Namespace(**vars(args), **given)), markdown)
