@@ -172,7 +172,7 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
     from dynaflow.core.plots import heatmap
     from dynaflow.methods.adabert.distill import student_loss
     from dynaflow.methods.adabert.genotype import derive, describe
-    from dynaflow.methods.adabert.modeling_adabert import OPS
+    from dynaflow.methods.adabert.modeling_adabert import OPS, PARAMETER_FREE
     from dynaflow.methods.adabert.supernet import AdaBertSupernet, efficiency_loss, op_costs
     from dynaflow.training.loop import TrainConfig, fit
 
@@ -250,7 +250,7 @@ def run_search(ctx: StageContext) -> dict[str, Any]:
             ctx.out / "op_probs.png", annotate=False)  # fmt: skip
     ctx.tracker.log_artifact(ctx.out / GENOTYPE)
     ctx.tracker.log_artifact(ctx.out / "op_probs.png")
-    free = sum(op in ("max_pool3", "avg_pool3", "identity") for edges in genotype["cell"] for _, op in edges)
+    free = sum(op in PARAMETER_FREE for edges in genotype["cell"] for _, op in edges)
     log.info("adabert search: derived %s", describe(genotype))
     return {"depth": genotype["depth"], "parameter_free_edges": free, "genotype": describe(genotype),
             "steps": result.global_step, "search_seconds": result.seconds}  # fmt: skip

@@ -120,10 +120,19 @@ def make_op(name: str, hidden: int) -> nn.Module:
     return Identity() if name == "identity" else Zero()
 
 
+def add_all(terms: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of a non-empty list, without a zero tensor to start from: in an ONNX export each zero start
+    is a Shape, a ConstantOfShape and an Add, and at batch 1 the time is per node, not per FLOP."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def mix_nodes(weights: torch.Tensor, nodes: list[torch.Tensor]) -> torch.Tensor:
     """A cell's output: its intermediate nodes weighted by ``softmax(weights)``."""
     w = torch.softmax(weights, dim=0)
-    return sum((w[i] * node for i, node in enumerate(nodes)), torch.zeros_like(nodes[0]))
+    return add_all([w[i] * node for i, node in enumerate(nodes)])
 
 
 class AdaBertCell(nn.Module):
@@ -142,7 +151,7 @@ class AdaBertCell(nn.Module):
         for node in range(NODES):
             links = zip(self.ops, self.links, strict=True)
             inflow = [op(states[src], mask) for op, (n, src, _) in links if n == node]
-            states.append(sum(inflow, torch.zeros_like(s0)))
+            states.append(add_all(inflow))
         return mix_nodes(self.node_weights, states[INPUT_NODES:])
 
 
@@ -207,7 +216,7 @@ class DepthHead(nn.Module):
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         w = torch.softmax(self.state_weights, dim=0)
-        mixed = sum((w[i] * p for i, p in enumerate(pooled)), torch.zeros_like(pooled[0]))
+        mixed = add_all([w[i] * p for i, p in enumerate(pooled)])
         return self.classifier(self.dropout(torch.tanh(mixed)))
 
 
