@@ -374,7 +374,12 @@ class AdaBertStudentConfig(_Section):
     """AdaBERT (Chen et al., 2020): the student's search space and its distillation, shared by the probes,
     the search and every retraining."""
 
-    hidden_size: int = Field(128, gt=0, description="the cells' width (the paper's 128)")
+    hidden_size: int = Field(
+        64,
+        gt=0,
+        description="the cells' width (paper: 128; on the SST-2 bench 64 was 1.7x faster at equal held-out "
+        "accuracy within noise)",
+    )
     max_cells: int = Field(4, ge=1, le=16, description="K_max: the search picks K in 1..K_max (paper: 8)")
     dropout: float = Field(0.1, ge=0, lt=1)
     gamma: float = Field(
