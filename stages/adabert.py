@@ -26,6 +26,7 @@ from typing import Any
 
 from dynaflow.config import AdaBertStudentConfig, Params
 from dynaflow.core.artifacts import atomic_write_json
+from dynaflow.core.errors import DynaflowError
 from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import TOKENIZER_DIR, load_heldout, load_split, read_task_meta
@@ -266,6 +267,7 @@ def retrain(
 
     from dynaflow.evaluation.scoring import epoch_end_selection, evaluate, hf_logits, load_dev
     from dynaflow.methods.adabert.distill import student_loss
+    from dynaflow.methods.adabert.genotype import describe
     from dynaflow.methods.adabert.modeling_adabert import AdaBertForSequenceClassification
     from dynaflow.training.loop import TrainConfig, fit
     from dynaflow.training.selection import BestWeights, selection_split
@@ -288,11 +290,10 @@ def retrain(
 
     steps_per_epoch = -(-len(train) // train_cfg.batch_size)
     best = BestWeights(student)
+    chooser = selection_split(train_cfg.selection, data_dir, dev)
     on_epoch_end = epoch_end_selection(
-        student, meta["task"], dev, selection_split(train_cfg.selection, data_dir, dev), best,
-        steps_per_epoch,
-        cfg.eval_batch_size, f"adabert {name}",
-    )  # fmt: skip
+        student, meta["task"], dev, chooser, best, steps_per_epoch, cfg.eval_batch_size, f"adabert {name}"
+    )
     result = fit(
         student, train, step, TrainConfig.from_section(train_cfg, p.seed),
         checkpoint=ctx.work / name / "checkpoint.pt",
@@ -310,8 +311,6 @@ def retrain(
     )  # fmt: skip
     student.save_pretrained(out_dir, safe_serialization=True)
     shutil.copytree(data_dir / TOKENIZER_DIR, out_dir, dirs_exist_ok=True)
-    from dynaflow.methods.adabert.genotype import describe
-
     metrics = dev_metrics | {
         "heldout_score": held_score,
         "depth": genotype["depth"],
@@ -333,7 +332,11 @@ def retrain(
 def run_searched(ctx: StageContext) -> dict[str, Any]:
     from dynaflow.methods.adabert.genotype import validate
 
-    genotype = validate(json.loads((ctx.upstream("adabert_search") / GENOTYPE).read_text()))
+    path = ctx.upstream("adabert_search") / GENOTYPE
+    try:
+        genotype = validate(json.loads(path.read_text()), ctx.params.adabert.max_cells)
+    except (ValueError, TypeError) as exc:  # a hand-edited file: one message naming it, no traceback
+        raise DynaflowError(f"{path}: {exc}") from None
     found = retrain(ctx, genotype, SEARCHED, ctx.out / SEARCHED, ctx.tracker)
     return {f"{SEARCHED}.{k}": v for k, v in found.items()}
 

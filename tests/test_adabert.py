@@ -5,6 +5,7 @@ shared harness and selection."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +231,18 @@ def test_stages_end_to_end(project: Path, this_machine: None, monkeypatch: pytes
                                batch=reference_batch(layout.out("data"), 0), onnx=True)  # fmt: skip
     assert summary["diff_hf"] <= 1e-4 and summary["diff_onnx"] <= 1e-4
     assert {"modeling_adabert.py", "model.onnx"} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("genotype", "fragment"),
+    [
+        ({"depth": 0, "cell": []}, "depth must be an integer in 1..3"),
+        ({"depth": 1, "cell": [[[0, "conv3"]]]}, "must list 3 nodes"),
+        ({"depth": 1, "cell": [[[2, "conv3"]], [], []]}, "node 0: edge [2, 'conv3'] must be [source in 0..1"),
+        ({"depth": 1, "cell": [[[0, "conv4"]], [], []]}, "op in conv3"),
+        ([1, 2], "a genotype is"),
+    ],
+)
+def test_a_malformed_genotype_is_named(genotype: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        validate(genotype, K_MAX)
