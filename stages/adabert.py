@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dynaflow.config import AdaBertStudentConfig, Params
+from dynaflow.config import AdaBertStudentConfig
 from dynaflow.core.artifacts import atomic_write_json
 from dynaflow.core.errors import DynaflowError
 from dynaflow.core.plots import LOSS_CURVE, curve_records, loss_plot
@@ -362,8 +362,9 @@ def run_random(ctx: StageContext) -> dict[str, Any]:
                "architectures": {name: {k: m[k] for k in ("score", "heldout_score", "genotype", "parameters")}
                                  for name, m in found.items()}}  # fmt: skip
     atomic_write_json(ctx.out / SUMMARY, summary)
-    info = json.loads((ctx.out / best / "metrics.json").read_text())
-    atomic_write_json(ctx.out / best / "metrics.json", info | {"of": n})
+    # The chosen student's metrics also say how many it was chosen from (retrain wrote the rest).
+    chosen = {k: v for k, v in found[best].items() if k != "train_seconds"}
+    atomic_write_json(ctx.out / best / "metrics.json", chosen | {"of": n})
     metrics = {f"{name}.{k}": v for name, m in found.items() for k, v in m.items()}
     return metrics | {"chosen": best, "dev_median": summary["dev_median"]}
 
@@ -377,10 +378,6 @@ def _random_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return extremes([metrics[f"{n}.score"] for n in names]) | {
         "seconds": sum(metrics[f"{n}.train_seconds"] for n in names)
     }
-
-
-def random_names(params: Params) -> list[str]:
-    return [random_name(i) for i in range(params.adabert_train.random_architectures)]
 
 
 def chosen_random(out: Path) -> str:
