@@ -5,7 +5,9 @@
 
 Trains one gated model per ``gates.lambdas`` and one PoWER-BERT model per ``powerbert.lambdas`` with the
 stages' own functions from the project's data and teacher (the inputs DynaBERT used: equal terms), into
-``PROJECT/artifacts/gates-bench/{gates,powerbert}/l<λ>/`` (a model already there is reused), measures them
+``PROJECT/artifacts/gates-bench/{gates,powerbert}/l<λ>/`` (a model already there is reused), and, when the
+project trained DynaBERT, gates on every ``gates_dynabert.subnetworks`` cell per ``gates_dynabert.lambdas``
+(``.../gates_dynabert/w<width>_d<depth>-l<λ>/``: width x depth x length), measures them
 with the shared harness on every profile of the project's ``evaluate`` section (``--set
 evaluate.latency_inputs=dev`` times every candidate on the dev inputs, dynamically padded), and merges them
 with the project's selection into ``PROJECT/reports/gates/``. Calls stage functions, not the flow, so a
@@ -47,9 +49,31 @@ def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, 
     return trained
 
 
+def train_cells(root: Path, params: Any) -> dict[str, Any]:
+    """Gates on each DynaBERT cell and λ of ``gates_dynabert`` (the project's depth_kd model), as the
+    gates_dynabert stage trains them; nothing when the project has no DynaBERT."""
+    from stages.gates_dynabert import cell_run_name, check_cells, train_cell
+    from stages.registry import Layout
+
+    layout, trained = Layout(root), {}
+    if not (layout.out("depth_kd") / "config.json").is_file():
+        return trained
+    check_cells(params)
+    dirs = {name: layout.out(name) for name in ("data", "teacher", "depth_kd")}
+    section = params.gates_dynabert
+    fingerprint = settings_fingerprint(params.gates, params.seed)
+    for cell in section.subnetworks:
+        for lam in section.lambdas:
+            name = cell_run_name(cell, lam)
+            trained[name] = trained_once(root / OUT / "gates_dynabert" / name, lambda folder, c=cell, lam=lam,
+                n=name: train_cell(params, c, lam, dirs, folder, layout.work(f"gates-bench-cells-{n}"),
+                                   fingerprint, NullTracker()))  # fmt: skip
+    return trained
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from dynaflow.evaluation.report import write_report
-    from dynaflow.methods.gates import METHOD, POWER_BERT
+    from dynaflow.methods.gates import GATES_ON_DYNABERT, METHOD, POWER_BERT
     from dynaflow.methods.gates.candidates import gated_model
     from stages.gates import run_name, train_gates
     from stages.powerbert import train_power_bert
@@ -57,13 +81,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     root = args.project.resolve()
     params = load_params(root / "params.yaml", args.set)
     trained = {"gates": train_family(root, params, "gates", train_gates),
-               "powerbert": train_family(root, params, "powerbert", train_power_bert)}  # fmt: skip
+               "powerbert": train_family(root, params, "powerbert", train_power_bert),
+               "gates_dynabert": train_cells(root, params)}  # fmt: skip
     if args.train_only:
         return {"project": str(root), "overrides": args.set, "trained": trained}
     found = baselines(root, params)
     for method, family in ((METHOD, "gates"), (POWER_BERT, "powerbert")):
         where = root / OUT / family
         found += [gated_model(where / run_name(lam), method) for lam in getattr(params, family).lambdas]
+    cells = root / OUT / "gates_dynabert"
+    found += [gated_model(cells / name, GATES_ON_DYNABERT) for name in trained["gates_dynabert"]]
     results = measure_together(root, params, found, OUT)
     report = write_report(results, root / REPORT)
     return {
@@ -71,6 +98,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": args.set,
         "gates": params.gates.model_dump(),
         "powerbert": params.powerbert.model_dump(),
+        "gates_dynabert": params.gates_dynabert.model_dump(),
         "trained": trained,
         "results": results,
         "fronts": fronts(results),

@@ -347,6 +347,29 @@ class GatesConfig(_GatedTraining):
     )
 
 
+class GatesOnDynaBertConfig(_Section):
+    """Token gates on DynaBERT sub-networks (width x depth x length): each cell of ``subnetworks`` is cut from
+    the DynaBERT model (depth_kd) and trained with gates for every λ, distilled from the same teacher; every
+    other setting is the ``gates`` section's."""
+
+    subnetworks: list[tuple[float, float]] = Field(
+        [(0.5, 0.75)],
+        min_length=1,
+        description="(width, depth) grid cells to put gates on; each must be in widths x depths (checked "
+        "when the stage runs)",
+    )
+    lambdas: list[float] = Field([0.02, 0.05], min_length=1, description="one candidate per λ and cell")
+
+    _lambdas = field_validator("lambdas")(_distinct_lambdas)
+
+    @field_validator("subnetworks")
+    @classmethod
+    def _distinct_cells(cls, values: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"subnetworks must be distinct, got {values}")
+        return values
+
+
 class PowerBertConfig(_GatedTraining):
     """PoWER-BERT (Goyal et al., 2020), the two-stage baseline: a soft-extract search of how many tokens each
     layer keeps (mass term only), then retraining with hard top-k extraction at that configuration."""
@@ -642,6 +665,7 @@ class Params(_Section):
     convbert: ConvBertStudentConfig = ConvBertStudentConfig()
     gates: GatesConfig = GatesConfig()
     powerbert: PowerBertConfig = PowerBertConfig()
+    gates_dynabert: GatesOnDynaBertConfig = GatesOnDynaBertConfig()
     adabert: AdaBertStudentConfig = AdaBertStudentConfig()
     adabert_search: AdaBertSearchConfig = AdaBertSearchConfig()
     adabert_train: AdaBertTrainConfig = AdaBertTrainConfig()

@@ -204,15 +204,22 @@ def save_gated(
     return metrics | {"train_seconds": record["train_seconds"]}
 
 
-def load_source(teacher_dir: Path, **config: Any) -> tuple[Any, Any]:
-    """(the teacher as a gated model with open gates, the teacher frozen): where every gated run starts."""
+def frozen_teacher(teacher_dir: Path) -> Any:
+    """The fine-tuned teacher on the training device, frozen: what every gated model is distilled from."""
     from dynaflow.core.distributed import device
-    from dynaflow.methods.gates.modeling_gated_bert import gated_copy
     from dynaflow.models.backbone import load_elastic
 
     teacher = load_elastic(teacher_dir).eval().to(device())
     for p in teacher.parameters():
         p.requires_grad_(False)
+    return teacher
+
+
+def load_source(teacher_dir: Path, **config: Any) -> tuple[Any, Any]:
+    """(the teacher as a gated model with open gates, the teacher frozen): where every gated run starts."""
+    from dynaflow.methods.gates.modeling_gated_bert import gated_copy
+
+    teacher = frozen_teacher(teacher_dir)
     return gated_copy(teacher, **config).train(), teacher
 
 

@@ -222,3 +222,40 @@ def test_stages_end_to_end(project: Path, this_machine: None) -> None:
     assert {"gates", "powerbert"} <= set(merged["methods"])
     for entry in (e for e in merged["profiles"] if e["status"] == "measured"):
         assert {"gates/l0", "gates/l2", "powerbert/l2"} <= {r["candidate"] for r in entry["rows"]}
+
+
+def test_gates_on_a_dynabert_cell_end_to_end(
+    project: Path, this_machine: None, stand_in_training: None
+) -> None:
+    """gates_dynabert cuts the cell from depth_kd's model, scores it as the source, gates it per λ, and its
+    measurement lists each cell and λ at the cell's width and depth; a cell outside the grid is refused."""
+    import shutil
+
+    from dynaflow.config import ConfigError
+    from dynaflow.core.artifacts import write_manifest
+
+    sets = [f"gates.{k}" for k in ("batch_size=8", "learning_rate=1e-3", "gate_learning_rate=0.2")]
+    cells = ["gates_dynabert.subnetworks=[[0.5, 0.5]]", "gates_dynabert.lambdas=[0.0, 2.0]"]
+    params = load_params(project / "params.yaml", [*sets, *cells])
+    layout = Layout(project)
+    for name in ("data", "teacher"):
+        run_stage(name, params, layout)
+    shutil.copytree(layout.out("teacher"), layout.out("depth_kd"))  # the teacher stands in for DynaBERT
+    write_manifest(layout.out("depth_kd"), "test")
+    outside = load_params(project / "params.yaml", [*sets, "gates_dynabert.subnetworks=[[0.6, 0.5]]"])
+    with pytest.raises(ConfigError, match=r"gates_dynabert.subnetworks has \(0.6, 0.5\)"):
+        run_stage("gates_dynabert", outside, layout)
+    for name in ("gates_dynabert", "gates_dynabert_eval"):
+        run_stage(name, params, layout)
+    out = layout.out("gates_dynabert")
+    none, strong = (json.loads((out / f"w0.5_d0.5-{n}" / "metrics.json").read_text()) for n in ("l0", "l2"))
+    assert none["flops_reduction"] == pytest.approx(1.0, abs=0.05) and strong["flops_reduction"] > 1.05
+    # The source is the cut cell, not the teacher: half the heads and neurons, half the layers.
+    assert none["source_gflops_per_example"] < none["teacher_gflops_per_example"] / 2
+    assert 0 <= none["source.score"] <= 1 and (none["width"], none["depth"]) == (0.5, 0.5)
+    config = json.loads((out / "w0.5_d0.5-l2" / "config.json").read_text())
+    assert config["extracted_subnet"]["width_mult"] == 0.5 and config["num_hidden_layers"] == 1
+    results = json.loads((layout.out("gates_dynabert_eval") / "results.json").read_text())
+    rows = [r for e in results["profiles"] if e["status"] == "measured" for r in e["rows"]]
+    assert {r["candidate"] for r in rows} == {"gates_dynabert/w0.5_d0.5-l0", "gates_dynabert/w0.5_d0.5-l2"}
+    assert all(r["width"] == 0.5 and r["depth"] == 0.5 and r["layers"] == 1 for r in rows)

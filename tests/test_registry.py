@@ -129,14 +129,17 @@ def test_import_contracts_hold() -> None:
 
 
 def test_flows_come_from_the_registry() -> None:
-    assert flows() == ["adabert", "convbert", "dynaflow", "gates", "theseus", "compare"]
+    assert flows() == ["adabert", "convbert", "dynaflow", "gates", "gates_dynabert", "theseus", "compare"]
     assert flow_stages("compare") == list(STAGES)
-    for flow in ("dynaflow", "theseus", "convbert", "gates", "adabert"):
+    for flow in ("dynaflow", "theseus", "convbert", "gates", "adabert", "gates_dynabert"):
         names = flow_stages(flow)
         assert names[-1] == "select" and names[:2] == ["data", "teacher"]
     assert "theseus" not in flow_stages("dynaflow") and "depth_kd" not in flow_stages("theseus")
     assert "rewire" in flow_stages("convbert") and "width_kd" not in flow_stages("convbert")
-    with pytest.raises(ValueError, match="flows: adabert, convbert, dynaflow, gates, theseus, compare"):
+    assert {"depth_kd", "gates_dynabert_eval"} <= set(flow_stages("gates_dynabert"))
+    assert "gates_dynabert" not in flow_stages("gates")
+    listed = "flows: adabert, convbert, dynaflow, gates, gates_dynabert, theseus, compare"
+    with pytest.raises(ValueError, match=listed):
         flow_stages("nosuch")
 
 

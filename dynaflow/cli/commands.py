@@ -32,6 +32,7 @@ EPILOG = """examples:
   dynaflow run --flow theseus               # BERT-of-Theseus: data, teacher, a successor of L/r layers
   dynaflow run --flow convbert              # ConvBERT students cut from the rewired teacher, distilled
   dynaflow run --flow gates                 # token gates (one per gates.lambdas) and PoWER-BERT, measured
+  dynaflow run --flow gates_dynabert        # token gates on DynaBERT sub-networks (width x depth x length)
   dynaflow run --flow adabert               # AdaBERT: architecture search, its student, a random control
   dynaflow run --flow compare               # every method, every candidate on one front per profile
   dynaflow stage teacher                    # one stage, no Prefect (this is what `dvc repro` calls)
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
             default="dynaflow",
             help="dynaflow: the DynaBERT stages (default); theseus: data, teacher, BERT-of-Theseus; "
             "convbert: data, teacher, rewire, ConvBERT students; gates: data, teacher, token gates and "
-            "PoWER-BERT; adabert: data, teacher, AdaBERT search, student and random control; "
+            "PoWER-BERT; gates_dynabert: the DynaBERT stages, then token gates on chosen sub-networks; "
+            "adabert: data, teacher, AdaBERT search, student and random control; "
             "compare: every registered method, "
             "selected together. Each flow ends with the select stage",
         )

@@ -3,3 +3,4 @@ two-stage method it argues against, on the same gated model (:mod:`.modeling_gat
 
 METHOD = "gates"
 POWER_BERT = "powerbert"
+GATES_ON_DYNABERT = "gates_dynabert"  # token gates on DynaBERT sub-networks (width x depth x length)

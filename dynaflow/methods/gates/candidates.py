@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from dynaflow.evaluation.candidates import Candidate, remote_auto_map
-from dynaflow.methods.gates import METHOD
+from dynaflow.methods.gates import GATES_ON_DYNABERT, METHOD, POWER_BERT
 from dynaflow.methods.gates import modeling_gated_bert as gated
 from dynaflow.models.extract import elastic_remote_code
 
@@ -39,21 +39,30 @@ def mark_remote(model: gated.GatedBertForSequenceClassification) -> None:
     model.config.auto_map = remote_auto_map(REMOTE_CODE, *classes)
 
 
+ONE_STAGE = "token gates with a bi-modal regulariser (one stage)"
+TWO_STAGES = "PoWER-BERT (soft-extract search, then retraining with hard extraction)"
+FAMILIES = {  # method: (label prefix, title prefix, how it was trained)
+    METHOD: ("gates", "Token-gated BERT", ONE_STAGE),
+    POWER_BERT: ("power", "PoWER-BERT", TWO_STAGES),
+    GATES_ON_DYNABERT: ("gates", "Token-gated DynaBERT", ONE_STAGE),
+}
+
+
 def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
-    """The hard-gated model the gates (or powerbert) stage saved in ``model_dir`` (``l<λ>``)."""
+    """The hard-gated model a gated stage (gates, powerbert, gates_dynabert) saved in ``model_dir``."""
     model_dir = Path(model_dir)
     config = gated.GatedBertConfig.from_pretrained(model_dir)
     info = json.loads((model_dir / "metrics.json").read_text())
     layers = config.num_hidden_layers
-    arch = {"width": 1.0, "depth": 1.0, "layers": layers, "heads": config.layer_heads(0),
+    cut = getattr(config, "extracted_subnet", None) or {}  # a DynaBERT cell's multipliers, else the teacher
+    width, depth = float(cut.get("width_mult", 1.0)), float(cut.get("depth_mult", 1.0))
+    arch = {"width": width, "depth": depth, "layers": layers, "heads": config.layer_heads(0),
             "intermediate": config.layer_intermediate(0), "lambda": info["lambda"],
             "kept_fraction": info["kept_fraction"],
             "flops_reduction": info["flops_reduction"]}  # fmt: skip
-    family = (
-        "token gates with a bi-modal regulariser (one stage)"
-        if method == METHOD
-        else "PoWER-BERT (soft-extract search, then retraining with hard extraction)"
-    )
+    short, long, family = FAMILIES[method]
+    source = f"DynaBERT's width {width:g} x depth {depth:g} sub-network" if cut else "The fine-tuned teacher"
+    where = f" w{width:g}_d{depth:g}" if cut else ""
 
     def build() -> gated.GatedBertForSequenceClassification:
         built = gated.GatedBertForSequenceClassification.from_pretrained(model_dir).eval()
@@ -70,14 +79,14 @@ def gated_model(model_dir: Path, method: str = METHOD) -> Candidate:
         name=model_dir.name,
         arch=arch,
         build=build,
-        label=f"{'gates' if method == METHOD else 'power'} λ{info['lambda']:g}",
-        title=f"{'Token-gated' if method == METHOD else 'PoWER-BERT'} BERT, λ = {info['lambda']:g}",
+        label=f"{short}{where} λ{info['lambda']:g}",
+        title=f"{long}{where}, λ = {info['lambda']:g}",
         description=(
-            f"The fine-tuned teacher ({layers} layers) trained with {family} (λ = {info['lambda']:g}) by "
+            f"{source} ({layers} layers) trained with {family} (λ = {info['lambda']:g}) by "
             f"dynaflow: each layer ranks its tokens by the attention they receive and drops the ranks whose "
             f"gate is off. On the dev inputs the layers keep {info['kept_per_layer'][1:]} tokens on average "
             f"(inputs: {info['kept_per_layer'][0]}), {info['flops_reduction']:.2f}x fewer encoder FLOPs than "
-            "the teacher. Remote code: open with `trust_remote_code=True`."
+            "its source. Remote code: open with `trust_remote_code=True`."
         ),
         flops=lambda seq_len: float(gated.gated_flops(config, gated.kept_lengths(keep(), seq_len))),
         remote_code=remote_code(),

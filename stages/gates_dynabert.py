@@ -1,0 +1,131 @@
+"""Token gates on DynaBERT sub-networks: width x depth x length, one candidate per cell and λ.
+
+Each ``gates_dynabert.subnetworks`` cell (width, depth) is cut from the DynaBERT model (``depth_kd``) as the
+evaluate stage cuts it, then trained as the gates stage trains the teacher (every setting but the cells and
+``gates_dynabert.lambdas`` is the ``gates`` section's), distilled from the same fine-tuned teacher. The
+cut sub-network is the *source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs beside
+the gated model's, so "how many fewer FLOPs for how many points" is read against the sub-network, not the
+teacher (the teacher's FLOPs are there too).
+
+Outputs: ``artifacts/gates_dynabert/w<width>_d<depth>-l<λ>/``, as the gates stage's (the hard-gated model,
+its tokenizer, ``metrics.json``, ``gates.json``, the loss curve). Checkpoints: ``work_dir/<name>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dynaflow.config import ConfigError, Params
+from dynaflow.core.plots import LOSS_CURVE, loss_plot
+from dynaflow.core.tracking import NullTracker
+from dynaflow.data.splits import read_task_meta
+from stages.gates import GateTraining, frozen_teacher, headline, run_name, save_gated, train_gated
+from stages.registry import Stage, StageContext, register
+
+log = logging.getLogger(__name__)
+
+
+def cell_run_name(cell: tuple[float, float], lam: float) -> str:
+    """``w0.5_d0.75-l0.02``: one cell's model at one λ (its folder and candidate name)."""
+    from dynaflow.methods.dynabert.candidates import point_name
+
+    return f"{point_name(*cell)}-{run_name(lam)}"
+
+
+def run_names(p: Params) -> list[str]:
+    section = p.gates_dynabert
+    return [cell_run_name(cell, lam) for cell in section.subnetworks for lam in section.lambdas]
+
+
+def check_cells(p: Params) -> None:
+    """Every cell must be one DynaBERT trained: its width in ``widths`` and its depth in ``depths``."""
+    for width, depth in p.gates_dynabert.subnetworks:
+        if width not in p.widths or depth not in p.depths:
+            raise ConfigError(
+                f"params.yaml: gates_dynabert.subnetworks has ({width}, {depth}), not a cell DynaBERT "
+                f"trained (widths {p.widths}, depths {p.depths})"
+            )
+
+
+def source_subnetwork(
+    dynabert_dir: Path, teacher_dir: Path, cell: tuple[float, float], **config: Any
+) -> tuple[Any, Any]:
+    """(the cell cut from DynaBERT as a gated model with open gates, the teacher frozen)."""
+    from dynaflow.methods.gates.modeling_gated_bert import gated_copy
+    from dynaflow.models.backbone import load_elastic
+    from dynaflow.models.extract import extract_subnetwork
+
+    teacher = frozen_teacher(teacher_dir)
+    dynabert = load_elastic(dynabert_dir).eval()
+    sub = extract_subnetwork(dynabert, *cell).to(next(teacher.parameters()).device)
+    return gated_copy(sub, **config).train(), teacher
+
+
+def source_scores(model: Any, teacher: Any, data_dir: Path, eval_batch_size: int) -> dict[str, float]:
+    """The cut sub-network's own dev scores (open gates: the source model), as ``source.<metric>``, and the
+    teacher's encoder GFLOPs per dev example (the gated model's metrics count them against the source)."""
+    from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
+    from dynaflow.methods.gates.budget import all_kept, token_budget
+
+    meta = read_task_meta(data_dir)
+    dev = load_dev(data_dir, meta["dev_splits"])
+    model.eval()
+    scores = evaluate(hf_logits(model), meta["task"], dev, eval_batch_size)
+    model.train()
+    lengths = [len(ids) for ids in dev[meta["dev_splits"][0]].input_ids]
+    keep = all_kept(teacher.config.num_hidden_layers, max(lengths))
+    teacher_gflops = token_budget(teacher.config, keep, lengths)["gflops_per_example"]
+    return {f"source.{k}": v for k, v in scores.items()} | {"teacher_gflops_per_example": teacher_gflops}
+
+
+def train_cell(p: Params, cell: tuple[float, float], lam: float, dirs: dict[str, Path], out_dir: Path,
+               work_dir: Path, key: str, tracker: NullTracker) -> dict[str, Any]:  # fmt: skip
+    """One cell at one λ: cut, score the source, train the gates, save into ``out_dir``."""
+    cfg, name = p.gates, cell_run_name(cell, lam)
+    model, teacher = source_subnetwork(
+        dirs["depth_kd"], dirs["teacher"], cell,
+        gate_scales_vector=cfg.gate_scales_vector, straight_through=cfg.straight_through,
+    )  # fmt: skip
+    source = source_scores(model, teacher, dirs["data"], cfg.eval_batch_size)
+    plan = GateTraining(
+        f"gates-{name}", lam, cfg.mass, cfg.layer_cost, cfg.bimodal_weight, cfg.bimodal_start, cfg.epochs,
+        cfg.selection,
+    )  # fmt: skip
+    model, record = train_gated(cfg, plan, model, teacher, p.seed, dirs["data"], work_dir, key, tracker)
+    extra = {"lambda": lam, "width": cell[0], "depth": cell[1]} | source
+    return save_gated(
+        model, record, dirs["data"], dirs["teacher"], out_dir, cfg.eval_batch_size, extra, tracker
+    )
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    p = ctx.params
+    check_cells(p)
+    dirs = {name: ctx.upstream(name) for name in ("data", "teacher", "depth_kd")}
+    metrics: dict[str, Any] = {}
+    for cell in p.gates_dynabert.subnetworks:
+        for lam in p.gates_dynabert.lambdas:
+            name = cell_run_name(cell, lam)
+            found = train_cell(p, cell, lam, dirs, ctx.out / name, ctx.work / name, ctx.key, ctx.tracker)
+            metrics |= {f"{name}.{k}": v for k, v in found.items() if not k.startswith("teacher.")}
+    return metrics
+
+
+STAGE = register(
+    Stage(
+        name="gates_dynabert",
+        out="artifacts/gates_dynabert",
+        sections=("gates", "gates_dynabert", "seed"),
+        upstream=("data", "teacher", "depth_kd"),
+        run=run,
+        flow="gates_dynabert",
+        plots=lambda p: {
+            f"{name}/{LOSS_CURVE}": loss_plot(f"token gates on {name}: training loss")[LOSS_CURVE]
+            for name in run_names(p)
+        },
+        headline=headline,
+        description="token gates on DynaBERT sub-networks (width x depth x length; one model per cell and λ)",
+    )
+)
