@@ -317,7 +317,7 @@ class GatesConfig(_GatedTraining):
     """Token gates with a bi-modal regulariser (Jeong & Kwak, 2021; dynaflow's reconstruction): one
     training stage from the teacher per λ; tokens whose gate ends below 0.5 are dropped at inference."""
 
-    lambdas: list[float] = Field([0.05, 0.1, 0.2, 0.4], min_length=1, description="one candidate per λ")
+    lambdas: list[float] = Field([0.01, 0.02, 0.05, 0.1], min_length=1, description="one candidate per λ")
     epochs: int = Field(2, gt=0)
     bimodal_weight: float = Field(1.0, ge=0, description="μ: weight of Σ g(1 − g) at the end of training")
     bimodal_start: float = Field(
@@ -327,9 +327,9 @@ class GatesConfig(_GatedTraining):
         description="fraction of the steps before μ starts rising (linearly, to μ at the end)",
     )
     mass: Literal["length", "positions"] = Field(
-        "length",
-        description="length: a gate costs in proportion to how often a real token holds its rank | "
-        "positions: PoWER-BERT's plain sum over the first data.max_seq_length ranks",
+        "positions",
+        description="positions: PoWER-BERT's plain sum over the ranks training inputs reach | length: a gate "
+        "costs in proportion to how often a real token holds its rank (keeps rare ranks on: BENCHMARKS.md)",
     )
     gate_scales_vector: bool = Field(
         True,
