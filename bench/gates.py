@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "powerbert": train_family(root, params, "powerbert", train_power_bert),
                "gates_dynabert": train_cells(root, params)}  # fmt: skip
     if args.train_only:
-        return {"project": str(root), "overrides": args.set, "trained": trained}
+        return {"project": str(root), "overrides": args.set, "trained": trained,
+                "against_powerbert": against_power_bert(trained)}  # fmt: skip
     found = baselines(root, params)
     for method, family in ((METHOD, "gates"), (POWER_BERT, "powerbert")):
         where = root / OUT / family
@@ -102,8 +103,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trained": trained,
         "results": results,
         "fronts": fronts(results),
+        "against_powerbert": against_power_bert(trained),
         "report": str(report.relative_to(root)),
     }
+
+
+def against_power_bert(trained: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each gated model's dev score minus PoWER-BERT's at the same FLOPs reduction, read off PoWER-BERT's
+    curve (its models and the teacher at 1x, linearly between neighbours); absent outside the curve."""
+    runs = list(trained["powerbert"].values())
+    if not runs:
+        return {}
+    first = runs[0]
+    curve = sorted([(1.0, first["teacher.score"])] + [(m["flops_reduction"], m["score"]) for m in runs])
+    compared = {}
+    for family in ("gates",):  # gates_dynabert's reductions are against its cell, not the teacher
+        for name, m in trained.get(family, {}).items():
+            x = m["flops_reduction"]
+            for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+                if x0 <= x <= x1:
+                    at = y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y0
+                    compared[f"{family}/{name}"] = {"flops_reduction": x, "score": m["score"],
+                                                    "powerbert_score": at, "difference": m["score"] - at}
+    return compared
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -117,6 +139,11 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{m['kept_per_layer']} | {m['gflops_per_example']:.3f} | {m['flops_reduction']:.2f}x | "
                 f"{m['wall_seconds']:.0f} |"
             )
+    lines += ["\n| gated model | fewer FLOPs | dev | PoWER-BERT at those FLOPs | difference |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for name, c in result.get("against_powerbert", {}).items():
+        lines.append(f"| {name} | {c['flops_reduction']:.2f}x | {c['score']:.4f} "
+                     f"| {c['powerbert_score']:.4f} | {c['difference'] * 100:+.2f} pts |")  # fmt: skip
     for entry in result.get("results", {}).get("profiles", []):
         if entry["status"] != "measured":
             continue

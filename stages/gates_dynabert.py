@@ -13,7 +13,6 @@ its tokenizer, ``metrics.json``, ``gates.json``, the loss curve). Checkpoints: `
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import read_task_meta
 from stages.gates import GateTraining, frozen_teacher, headline, run_name, save_gated, train_gated
 from stages.registry import Stage, StageContext, register
-
-log = logging.getLogger(__name__)
 
 
 def cell_run_name(cell: tuple[float, float], lam: float) -> str:
