@@ -198,7 +198,7 @@ def save_gated(
     atomic_write_json(out_dir / LOSS_CURVE, curve_records(record["loss_history"]))
     tracker.log_artifact(out_dir / LOSS_CURVE)
     tracker.log_metrics({f"final.{out_dir.name}.dev.{k}": v for k, v in hard.items()})
-    log.info("%s: dev %.4f hard (%.4f soft), %.2fx fewer encoder FLOPs than the teacher, tokens per layer %s",
+    log.info("%s: dev %.4f hard (%.4f soft), %.2fx fewer encoder FLOPs than its source, tokens per layer %s",
              out_dir.name, hard["score"], soft["score"], budget["flops_reduction"],
              budget["kept_per_layer"])  # fmt: skip
     return metrics | {"train_seconds": record["train_seconds"]}
