@@ -692,6 +692,19 @@ class Params(_Section):
             raise ValueError(f"data.glue_dir is null and $GLUE_DIR={env!r} is not a directory")
         return self
 
+    def check_cells(self, key: str, cells: list[tuple[float, float]]) -> None:
+        """Every (width, depth) of ``cells`` (the params entry ``key``) must be a cell of the trained grid.
+
+        Checked when the stage reading ``key`` runs, not when params.yaml loads: a grid change elsewhere
+        need not edit every list of cells.
+        """
+        for w, d in cells:
+            if w not in self.widths or d not in self.depths:
+                raise ConfigError(
+                    f"{key}: ({w:g}, {d:g}) is not a cell of the trained grid "
+                    f"(widths {self.widths} x depths {self.depths})"
+                )
+
     def section(self, name: str) -> Any:
         """A top-level entry by name (used to build cache keys from exactly the sections a stage reads).
 

@@ -157,12 +157,7 @@ def run_controls(params: Params, root: Path, tracker: NullTracker | None = None)
     from stages.select import rebuild_report
 
     layout, tracker = Layout(Path(root)), tracker or NullTracker()
-    for w, d in params.controls.cells:
-        if w not in params.widths or d not in params.depths:
-            raise ConfigError(
-                f"controls.cells: ({w:g}, {d:g}) is not a cell of the trained grid "
-                f"(widths {params.widths} x depths {params.depths})"
-            )
+    params.check_cells("controls.cells", params.controls.cells)
     for stage in COMPARED_WITH:  # the DynaBERT run the controls are compared with must be here
         if problem := check_output(layout.out(stage)):
             raise DynaflowError(f"same-size controls need stage {stage!r}: {problem}; run `dynaflow run`")

@@ -240,6 +240,11 @@ def train_gates(p: Params, lam: float, teacher_dir: Path, data_dir: Path, out_di
     )
 
 
+def run_metrics(name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """One trained model's metrics as the stage's flat ``<name>.<key>`` entries (the teacher's left out)."""
+    return {f"{name}.{k}": v for k, v in found.items() if not k.startswith("teacher.")}
+
+
 def each_lambda(
     ctx: StageContext, lambdas: list[float], train: Callable[..., dict[str, Any]]
 ) -> dict[str, Any]:
@@ -249,7 +254,7 @@ def each_lambda(
         name = run_name(lam)
         found = train(ctx.params, lam, ctx.upstream("teacher"), ctx.upstream("data"), ctx.out / name,
                       ctx.work / name, ctx.key, ctx.tracker)  # fmt: skip
-        metrics |= {f"{name}.{k}": v for k, v in found.items() if not k.startswith("teacher.")}
+        metrics |= run_metrics(name, found)
     return metrics
 
 

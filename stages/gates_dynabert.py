@@ -16,11 +16,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dynaflow.config import ConfigError, Params
+from dynaflow.config import Params
 from dynaflow.core.plots import LOSS_CURVE, loss_plot
 from dynaflow.core.tracking import NullTracker
 from dynaflow.data.splits import read_task_meta
-from stages.gates import GateTraining, frozen_teacher, headline, run_name, save_gated, train_gated
+from stages.gates import (
+    GateTraining,
+    frozen_teacher,
+    headline,
+    run_metrics,
+    run_name,
+    save_gated,
+    train_gated,
+)
 from stages.registry import Stage, StageContext, register
 
 
@@ -38,12 +46,7 @@ def run_names(p: Params) -> list[str]:
 
 def check_cells(p: Params) -> None:
     """Every cell must be one DynaBERT trained: its width in ``widths`` and its depth in ``depths``."""
-    for width, depth in p.gates_dynabert.subnetworks:
-        if width not in p.widths or depth not in p.depths:
-            raise ConfigError(
-                f"params.yaml: gates_dynabert.subnetworks has ({width}, {depth}), not a cell DynaBERT "
-                f"trained (widths {p.widths}, depths {p.depths})"
-            )
+    p.check_cells("gates_dynabert.subnetworks", p.gates_dynabert.subnetworks)
 
 
 def source_subnetwork(
@@ -106,7 +109,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for lam in p.gates_dynabert.lambdas:
             name = cell_run_name(cell, lam)
             found = train_cell(p, cell, lam, dirs, ctx.out / name, ctx.work / name, ctx.key, ctx.tracker)
-            metrics |= {f"{name}.{k}": v for k, v in found.items() if not k.startswith("teacher.")}
+            metrics |= run_metrics(name, found)
     return metrics
 
 
