@@ -559,6 +559,11 @@ class EvaluateConfig(_Section):
         description="on ONNX Runtime CPU profiles, also measure every candidate quantised to dynamic int8 "
         "(onnxruntime.quantization): its own dev score, latency and memory; selection may pick it",
     )
+    int8_recipe: Literal["vnni", "avx2"] = Field(
+        "vnni",
+        description="how int8 variants are quantised, for the CPU they will run on: vnni (Optimum's "
+        "avx512_vnni recipe: per-tensor, 8-bit weights) | avx2 (no VNNI: per-channel, 7-bit weights)",
+    )
     int8_min_agreement: float = Field(
         0.95,
         ge=0,

@@ -203,6 +203,7 @@ def select_and_export(
             exporter=cfg.onnx_exporter,
             int8_dev=load_split(data_dir, meta["dev_splits"][0]) if int8 else None,
             min_agreement=cfg.int8_min_agreement,
+            int8_recipe=r.get("int8_recipe") or "vnni",  # as measured (rows older than the recipe: vnni)
         )
         entry["export"] = str(published_as / target)
     return merged

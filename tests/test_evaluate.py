@@ -353,6 +353,7 @@ def test_an_int8_rows_score_is_the_quantised_models_own(
     for c in STAGES["evaluate"].candidates(params, layout):
         q, f = rows[c.id + "-int8"], rows[c.id]
         assert q["precision"] == "int8" and f["precision"] == "float32" and q["base"] == c.id
+        assert q["int8_recipe"] == params.evaluate.int8_recipe == "vnni"
         float_onnx = export_onnx(c.build(), tmp_path / c.name / "model.onnx")
         quantised = quantize_int8(float_onnx, tmp_path / c.name / "model.int8.onnx")
         logits = {p: predict(onnx_logits_fn(p, available_cpus()), dev, 1) for p in (float_onnx, quantised)}
@@ -361,6 +362,36 @@ def test_an_int8_rows_score_is_the_quantised_models_own(
         check = agreement(logits[quantised], logits[float_onnx])
         assert q["int8_agreement"] == pytest.approx(check["agreement"]) and q["int8_examples"] == len(dev)
         assert q["file_mb"] < f["file_mb"] and q["params"] == f["params"]
+
+
+def test_int8_recipes_quantise_as_they_say(tmp_path: Path) -> None:
+    """vnni: one weight scale per matrix, the full int8 range; avx2 (CPUs without VNNI): one scale per output
+    channel and 7-bit weights. Both stay close to the float model."""
+    import onnx
+    from onnx import numpy_helper
+
+    from dynaflow.evaluation.export import quantize_int8
+    from dynaflow.evaluation.machine import has_vnni
+
+    model = extract_subnetwork(tiny_model(), 1.0, 1.0).eval()
+    float_onnx = export_onnx(model, tmp_path / "model.onnx")
+    inputs = padded_batch(3, 12)
+    reference = onnx_logits(float_onnx, inputs)
+    weights = {}
+    for recipe in ("vnni", "avx2"):
+        path = quantize_int8(float_onnx, tmp_path / f"{recipe}.onnx", recipe)
+        init = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+        # the matrices (int8; embeddings are uint8 in both recipes) and each one's scales
+        matrices = {n.removesuffix("_quantized"): a.astype(int) for n, a in init.items()
+                    if n.endswith("_quantized") and a.dtype == np.int8}  # fmt: skip
+        assert len(matrices) >= 6 * model.config.num_hidden_layers  # q, k, v, out, FFN in and out
+        scales = {init[n + "_scale"].size for n in matrices}
+        weights[recipe] = (scales, max(int(np.abs(a).max()) for a in matrices.values()))
+        assert check_close(recipe, onnx_logits(path, inputs), reference, atol=0.5) <= 0.5
+    assert weights["vnni"] == ({1}, 127)  # one scale per matrix, the full signed 8-bit range
+    assert 1 not in weights["avx2"][0] and weights["avx2"][1] <= 64  # a scale per output channel, 7 bits
+    assert has_vnni({"avx2", "avx512_vnni"}) and has_vnni({"avx_vnni"})
+    assert has_vnni({"avx2", "fma"}) is False and has_vnni(set()) is None
 
 
 def test_absent_device_is_skipped_with_a_note(evaluated: Path, project_root: Path) -> None:

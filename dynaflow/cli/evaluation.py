@@ -95,6 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch=reference_batch(data_dir, vocab_size=0), onnx=args.onnx or args.int8, labels=label_names(meta),
         card=card, opset=params.evaluate.onnx_opset, exporter=params.evaluate.onnx_exporter,
         int8_dev=int8_dev, min_agreement=params.evaluate.int8_min_agreement,
+        int8_recipe=params.evaluate.int8_recipe,
     )  # fmt: skip
     checks = f"max |Δ logit| HF {summary['diff_hf']:.2g}" + (
         f", ONNX {summary['diff_onnx']:.2g}" if "diff_onnx" in summary else ""

@@ -148,11 +148,23 @@ def onnx_logits_fn(path: Path, threads: int) -> Callable[[dict[str, torch.Tensor
     return fn
 
 
-def quantize_int8(float_onnx: Path, out: Path) -> Path:
+# ``evaluate.int8_recipe``: quantize_dynamic's options for the CPU the int8 models are meant for.
+INT8_RECIPES: dict[str, dict[str, bool]] = {
+    # Hugging Face Optimum's avx512_vnni dynamic recipe (per-tensor scales, 8-bit weights): u8 x s8 products
+    # run on VNNI; what CPU users try first.
+    "vnni": {},
+    # For x86 CPUs without VNNI: their u8 x s8 products can saturate, so ONNX Runtime advises 7-bit weights
+    # (reduce_range); per-channel scales win back what that costs. On an AVX2-only machine this kept 0.9
+    # points more than "vnni" (BENCHMARKS.md, issue 18, session 12); on a VNNI machine both run as fast.
+    "avx2": {"per_channel": True, "reduce_range": True},
+}
+
+
+def quantize_int8(float_onnx: Path, out: Path, recipe: str = "vnni") -> Path:
     """Dynamic int8 quantisation of ``float_onnx``'s linear layers and embeddings (onnxruntime.quantization).
 
-    Weights become int8 once; activations are quantised to uint8 at run time, per tensor. This is Hugging
-    Face Optimum's ``avx512_vnni`` dynamic recipe (u8 x s8 products run on VNNI), what CPU users try first.
+    Weights become int8 once; activations are quantised to uint8 at run time, per tensor. ``recipe``: one
+    of :data:`INT8_RECIPES`.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
@@ -167,7 +179,8 @@ def quantize_int8(float_onnx: Path, out: Path) -> Path:
         # Every operator dynamic quantisation supports but convolutions: a ConvBERT's separable convolution
         # ran 3.5x slower as ConvInteger than as float Conv (BENCHMARKS.md, issue 19); BERTs have none.
         ops = sorted(op for op in IntegerOpsRegistry if op != "Conv")
-        quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=ops)
+        quantize_dynamic(str(float_onnx), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=ops,
+                         **INT8_RECIPES[recipe])  # fmt: skip
     finally:
         logging.disable(previous)
     return out
@@ -207,18 +220,20 @@ def check_close(name: str, got: np.ndarray, want: np.ndarray, atol: float = ATOL
     return diff
 
 
-def check_int8(float_onnx: Path, out: Path, dev: TokenizedSplit, min_agreement: float) -> dict[str, Any]:
+def check_int8(
+    float_onnx: Path, out: Path, dev: TokenizedSplit, min_agreement: float, recipe: str = "vnni"
+) -> dict[str, Any]:
     """Quantise ``float_onnx`` into ``out`` and compare the two on ``dev``; raise :class:`ExportMismatch`
     when they agree on fewer than ``min_agreement`` of the predictions."""
     from dynaflow.evaluation.machine import available_cpus
     from dynaflow.evaluation.scoring import predict
 
-    quantize_int8(float_onnx, out)
+    quantize_int8(float_onnx, out, recipe)
     threads = available_cpus()
     int8, reference = (
         predict(onnx_logits_fn(path, threads), dev, INT8_SCORING_BATCH) for path in (out, float_onnx)
     )
-    check = agreement(int8, reference)
+    check = agreement(int8, reference) | {"recipe": recipe}
     if check["agreement"] is not None and check["agreement"] < min_agreement:
         raise ExportMismatch(
             f"int8 model {out.name}: predicts as the float model on {check['agreement']:.1%} of "
@@ -344,6 +359,7 @@ def export_candidate(
     exporter: str = "torchscript",
     int8_dev: TokenizedSplit | None = None,
     min_agreement: float = 0.95,
+    int8_recipe: str = "vnni",
 ) -> dict[str, Any]:
     """Build ``candidate``, check it, publish it at ``out_dir``; return the summary (also ``export.json``).
 
@@ -351,7 +367,8 @@ def export_candidate(
     candidate's reference; ``out_dir`` is replaced only when every check passed. ``onnx_file``: an already
     exported (and checked) ONNX file of this candidate to reuse. ``int8_dev``: also ship the int8 model
     (``model.int8.onnx``, beside the float ``model.onnx``), checked on these dev examples: it must predict as
-    the float model on at least ``min_agreement`` of them (classification).
+    the float model on at least ``min_agreement`` of them (classification), quantised by ``int8_recipe``
+    (:data:`INT8_RECIPES`).
     """
     if int8_dev is not None and not onnx:
         raise ValueError("an int8 export is quantised from the ONNX model: onnx must be true")
@@ -394,7 +411,7 @@ def export_candidate(
             summary["diff_onnx"] = check_close("ONNX export", onnx_logits(target, batch), want)
             summary["onnx"] = ONNX_FILE
         if int8_dev is not None:
-            check = check_int8(target, tmp / INT8_FILE, int8_dev, min_agreement)
+            check = check_int8(target, tmp / INT8_FILE, int8_dev, min_agreement, int8_recipe)
             summary["int8"] = {"file": INT8_FILE, **check}
         summary["files"] = sorted(p.name for p in tmp.iterdir()) + ["README.md", "export.json"]
         (tmp / "README.md").write_text(model_card(summary))

@@ -38,7 +38,7 @@ from dynaflow.evaluation.export import (
     onnx_logits_fn,
     quantize_int8,
 )
-from dynaflow.evaluation.machine import BUSY_CORES, available_cpus, machine_info
+from dynaflow.evaluation.machine import BUSY_CORES, available_cpus, cpu_flags, has_vnni, machine_info
 from dynaflow.evaluation.scoring import evaluate, hf_logits
 from dynaflow.evaluation.selection import fits
 
@@ -109,14 +109,15 @@ def int8_profile(profile: HardwareProfile) -> bool:
 
 
 def int8_variant(p: Prepared, task: str, dev: dict[str, TokenizedSplit],
-                 float_logits: dict[str, np.ndarray]) -> Prepared:  # fmt: skip
-    """``p``'s ONNX model quantised to dynamic int8, dev-scored on its own predictions, one example at a
-    time (``export.INT8_SCORING_BATCH``: its logits depend on its batch)."""
+                 float_logits: dict[str, np.ndarray], recipe: str = "vnni") -> Prepared:  # fmt: skip
+    """``p``'s ONNX model quantised to dynamic int8 (``recipe``: ``export.INT8_RECIPES``), dev-scored on its
+    own predictions, one example at a time (``export.INT8_SCORING_BATCH``: its logits depend on its batch)."""
     assert p.onnx_path is not None
-    path = quantize_int8(p.onnx_path, p.onnx_path.with_name(INT8_FILE))
+    path = quantize_int8(p.onnx_path, p.onnx_path.with_name(INT8_FILE), recipe)
     logits: dict[str, np.ndarray] = {}
     scores = evaluate(onnx_logits_fn(path, available_cpus()), task, dev, INT8_SCORING_BATCH, logits)
-    check = agreement(np.concatenate(list(logits.values())), np.concatenate(list(float_logits.values())))
+    together = (np.concatenate(list(d.values())) for d in (logits, float_logits))
+    check = {"recipe": recipe} | agreement(*together)
     return Prepared(p.candidate, p.model, scores, p.params, p.hf_bytes, path, "int8", check)
 
 
@@ -169,7 +170,7 @@ def prepare(
             )
         prepared.append(p)
         if int8 and p.onnx_path is not None:
-            prepared.append(int8_variant(p, task, dev, float_logits))
+            prepared.append(int8_variant(p, task, dev, float_logits, cfg.int8_recipe))
             log.info("%s int8: dev score %.4f, agrees with float32 on %s of dev", c.id,
                      prepared[-1].scores["score"], prepared[-1].int8["agreement"])  # fmt: skip
         log.info(
@@ -395,6 +396,9 @@ def measure(
     measured = [p for p in profiles if notes[p.name] is None]
     onnx = any(p.runtime == "onnxruntime" for p in measured)
     int8 = cfg.int8 and any(int8_profile(p) for p in measured)
+    if int8 and cfg.int8_recipe == "vnni" and has_vnni(cpu_flags()) is False:
+        log.warning("this CPU has no VNNI: int8 models quantised by evaluate.int8_recipe = vnni may saturate "
+                    "and lose accuracy here; evaluate.int8_recipe: avx2 is meant for such CPUs")  # fmt: skip
     prepared = prepare(candidates, profiles, task, dev, cfg, work, onnx, check_batch, int8)
     vocab_size = prepared[0].model.config.vocab_size
     first = next(iter(dev.values()))

@@ -40,6 +40,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``); empty where they cannot be read (not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_vnni(flags: set[str]) -> bool | None:
+    """Whether the CPU has VNNI (AVX-512 VNNI or AVX-VNNI); None when its flags are unknown."""
+    return bool(flags & {"avx512_vnni", "avx_vnni"}) if flags else None
+
+
 def package_version(name: str) -> str | None:
     """An installed distribution's version (``torch.__version__`` is the same string), or None."""
     try:
