@@ -5,8 +5,9 @@
 The flow measures each method in its own stage, at different times; on a shared 2-core machine the same
 architecture can then measure tens of percent apart between two runs, which is enough to move a point on or
 off a front. Here DynaBERT's grid, the Theseus successor, the ConvBERT students of ``bench/convbert.py``
-and the same-size controls (``dynaflow controls --budget passes``), whichever the project has, are
-prepared together and timed in the same interleaved rounds, float32 and int8. Writes
+and the same-size controls of each budget (``bench/controls.py``; the wall budget's names end in ``-wall``),
+whichever the project has, are prepared together and timed in the same interleaved rounds, float32 and int8.
+Writes
 ``PROJECT/reports/front/`` (report, plots, ``results.json``) and prints each profile's table and front.
 Selection here has no quality floor (``evaluate_profiles.py`` does the same); the flow's has one.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,8 @@ from dynaflow.config import load_params
 
 REPORT = "reports/front"
 CONVBERT_BENCH = "artifacts/convbert-bench"  # bench/convbert.py's students
-CONTROLS = "artifacts/controls/passes"
+CONTROLS = "artifacts/controls"
+BUDGETS = ("passes", "wall")  # controls.budget: each one the project has joins the front
 
 
 def collect(params: Any, root: Path) -> tuple[list[Any], dict[str, str]]:
@@ -48,13 +51,17 @@ def collect(params: Any, root: Path) -> tuple[list[Any], dict[str, str]]:
     if all((s / "metrics.json").is_file() for s in students):
         found += [student(s) for s in students]
         sources["convbert"] = str(root / CONVBERT_BENCH)
-    cells = [root / CONTROLS / cell_name(c) for c in params.controls.cells]
-    if all((c / "config.json").is_file() for c in cells):
-        found += [
-            control_candidate(load_elastic(d).eval(), c, "passes")
-            for d, c in zip(cells, params.controls.cells, strict=True)
-        ]
-        sources["control"] = str(root / CONTROLS)
+    for budget in BUDGETS:
+        cells = [root / CONTROLS / budget / cell_name(c) for c in params.controls.cells]
+        if not all((c / "config.json").is_file() for c in cells):
+            continue
+        for d, c in zip(cells, params.controls.cells, strict=True):
+            control = control_candidate(load_elastic(d).eval(), c, budget)
+            if budget != "passes":  # the passes controls keep the names of earlier reports
+                name, label = f"{control.name}-{budget}", f"{control.label}, {budget}"
+                control = replace(control, name=name, label=label)
+            found.append(control)
+        sources["control"] = ", ".join(filter(None, [sources.get("control"), str(root / CONTROLS / budget)]))
     return found, sources
 
 
