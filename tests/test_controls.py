@@ -105,3 +105,18 @@ def test_a_control_is_the_extracted_cell_trained_alone_for_its_passes(
 
     again = run_controls(params, tmp_path)  # cached: the same controls, not trained again
     assert again["cells"]["w0.5_d0.5"]["train_seconds"] == cells["w0.5_d0.5"]["train_seconds"]
+
+
+def test_the_wall_pilot_times_steps_not_what_a_run_pays_once() -> None:
+    """Two pilot runs differenced: loading, the epoch-end evaluation and the checkpoint cancel out."""
+    from stages.controls import PILOT_STEPS, pilot_seconds_per_step
+
+    asked: list[int] = []
+
+    def train(steps: int, where: Path) -> dict[str, float]:
+        asked.append(steps)
+        assert where.is_dir()  # a scratch directory of its own
+        return {"train_seconds": 7.5 + 0.25 * steps}  # 7.5 s paid once, 0.25 s a step
+
+    assert pilot_seconds_per_step(train) == pytest.approx(0.25)
+    assert asked == [PILOT_STEPS, 2 * PILOT_STEPS]
