@@ -51,11 +51,12 @@ def collect(params: Any, root: Path) -> tuple[list[Any], dict[str, str]]:
     if all((s / "metrics.json").is_file() for s in students):
         found += [student(s) for s in students]
         sources["convbert"] = str(root / CONVBERT_BENCH)
-    for budget in BUDGETS:
-        cells = [root / CONTROLS / budget / cell_name(c) for c in params.controls.cells]
-        if not all((c / "config.json").is_file() for c in cells):
+    for budget in BUDGETS:  # every cell trained so far: a wall-budget cell costs DynaBERT's whole run
+        cells = [(root / CONTROLS / budget / cell_name(c), c) for c in params.controls.cells]
+        cells = [(d, c) for d, c in cells if (d / "config.json").is_file()]
+        if not cells:
             continue
-        for d, c in zip(cells, params.controls.cells, strict=True):
+        for d, c in cells:
             control = control_candidate(load_elastic(d).eval(), c, budget)
             if budget != "passes":  # the passes controls keep the names of earlier reports
                 name, label = f"{control.name}-{budget}", f"{control.label}, {budget}"
