@@ -105,6 +105,9 @@ def test_a_control_is_the_extracted_cell_trained_alone_for_its_passes(
 
     again = run_controls(params, tmp_path)  # cached: the same controls, not trained again
     assert again["cells"]["w0.5_d0.5"]["train_seconds"] == cells["w0.5_d0.5"]["train_seconds"]
+    alone = params.model_copy(update={"controls": params.controls.model_copy(update={"cells": [(0.5, 0.5)]})})
+    again = run_controls(alone, tmp_path)  # listed without the other cell: still the same control
+    assert again["cells"]["w0.5_d0.5"]["train_seconds"] == cells["w0.5_d0.5"]["train_seconds"]
 
 
 def test_the_wall_pilot_times_steps_not_what_a_run_pays_once() -> None:
