@@ -55,8 +55,8 @@ def control_key(params: Params, layout: Layout, cell: tuple[float, float]) -> st
         "code_version": CODE_VERSION,
         "code": code_digest(__name__),
         "cell": list(cell),
-        # Not the other cells: a cell trained alone (hours, at the wall budget) is reused by a later run
-        # that lists it among others.
+        # Not the other cells: a cell trained alone (DynaBERT's whole distillation time at the wall budget)
+        # is reused by a later run that lists it among others.
         "params": {s: params.section(s).model_dump(mode="json") for s in ("depth_kd", "width_kd")}
         | {"controls": params.controls.model_dump(mode="json", exclude={"cells"})}
         | {"seed": params.seed, "widths": params.widths, "depths": params.depths},
