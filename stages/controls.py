@@ -45,7 +45,7 @@ REPORTS = "reports/controls"
 COMPARED_WITH = ("data", "teacher", "rewire", "augment", "width_kd", "depth_kd")
 COUNTED = ("width_kd", "depth_kd")  # the DynaBERT stages whose steps a control's budget counts
 # Wall budget: steps timed to convert DynaBERT's seconds into the control's steps. 5 and 10 steps missed the
-# controls' real step time by -43% to +21% (BENCHMARKS.md, issue 18, session 17): a 25-step difference.
+# controls' real step time by -42% to +23% (BENCHMARKS.md, issue 18): now a 25-step difference.
 PILOT_STEPS = 25
 CONTROL_FILE = "control.json"
 
