@@ -197,10 +197,11 @@ def main() -> None:
     actuators = measure_actuators(root, ["onnxruntime", "torch"])
     runtime = params.serve.runtime
     profile = actuators[runtime]["profile"]
-    reference = profile.full if args.reference == "full" else profile.front()[0]
+    points = profile.front()
+    reference = profile.full if args.reference == "full" else points[0]
     slo = 2 * reference.p90_single_s
     capacity = simulated_capacity(profile, slo, dev_lengths(root), reference)
-    front = [s.name for s in profile.front()]
+    front = [s.name for s in points]
     print(f"runtime {runtime}; reference {reference.name}; SLO {slo * 1000:.2f} ms; capacity {capacity:.1f} "
           f"req/s (batch-1 rate {1 / reference.predict(1, 64):.1f}); front {front}", flush=True)  # fmt: skip
 
