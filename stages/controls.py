@@ -153,9 +153,24 @@ def kept_steps(layout: Layout) -> dict[str, int] | None:
         return None
 
 
+def earlier_cells(params: Params, layout: Layout, listed: list) -> list[tuple[float, float]]:
+    """Grid cells not ``listed`` whose control an earlier run trained under the current key (same
+    DynaBERT, params and code): wall-budget cells are trained one run at a time, and each run's results and
+    summary should cover every cell trained so far, not the last one alone."""
+    where = layout.root / OUT / params.controls.budget
+    return [
+        (w, d)
+        for w in params.widths
+        for d in params.depths
+        if [w, d] not in [list(c) for c in listed]
+        and check_output(where / cell_name((w, d)), control_key(params, layout, (w, d))) is None
+    ]
+
+
 def run_controls(params: Params, root: Path, tracker: NullTracker | None = None) -> dict[str, Any]:
-    """Train (or reuse) every control of ``params.controls``, measure them on every profile, and rebuild
-    the selection's report with them; the summary (also ``artifacts/controls/<budget>/summary.json``)."""
+    """Train (or reuse) every control of ``params.controls``, measure them and every cell an earlier run
+    trained under the same key on every profile, and rebuild the selection's report with them; the summary
+    (also ``artifacts/controls/<budget>/summary.json``)."""
     from dynaflow.methods.dynabert.controls import control_candidate
     from dynaflow.models.backbone import load_elastic
     from stages.select import STAGE as SELECT
@@ -168,10 +183,12 @@ def run_controls(params: Params, root: Path, tracker: NullTracker | None = None)
             raise DynaflowError(f"same-size controls need stage {stage!r}: {problem}; run `dynaflow run`")
     budget = params.controls.budget
     trained = {cell_name(c): train_control(params, layout, c, tracker) for c in params.controls.cells}
+    cells = list(params.controls.cells)
     where = layout.root / OUT / budget
-    candidates = [
-        control_candidate(load_elastic(where / cell_name(c)).eval(), c, budget) for c in params.controls.cells
-    ]
+    for cell in earlier_cells(params, layout, cells):  # a run that lists fewer cells replaces no summary
+        trained[cell_name(cell)] = json.loads((where / cell_name(cell) / CONTROL_FILE).read_text())
+        cells.append(cell)
+    candidates = [control_candidate(load_elastic(where / cell_name(c)).eval(), c, budget) for c in cells]
     cfg, data_dir = params.evaluate, layout.out("data")
     results = measure_into(candidates, METHOD, where, data_dir, cfg.profiles, cfg, layout.root, where,
                            chosen_on(params.depth_kd.selection, data_dir))  # fmt: skip

@@ -108,6 +108,10 @@ def test_a_control_is_the_extracted_cell_trained_alone_for_its_passes(
     alone = params.model_copy(update={"controls": params.controls.model_copy(update={"cells": [(0.5, 0.5)]})})
     again = run_controls(alone, tmp_path)  # listed without the other cell: still the same control
     assert again["cells"]["w0.5_d0.5"]["train_seconds"] == cells["w0.5_d0.5"]["train_seconds"]
+    # ... and the other cell, trained earlier under the same key, stays in the summary and the results
+    assert again["cells"]["w1.0_d1.0"]["steps"] == 18
+    rows = load_results([tmp_path / OUT / "passes"])[0]["profiles"][0]["rows"]
+    assert sorted(r["candidate"] for r in rows) == ["control/w0.5_d0.5", "control/w1.0_d1.0"]
 
 
 def test_the_wall_pilot_times_steps_not_what_a_run_pays_once() -> None:
