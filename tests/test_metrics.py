@@ -138,3 +138,34 @@ def test_every_task_returns_its_metric_names():
 def test_main_score_missing_key():
     with pytest.raises(KeyError, match="mcc"):
         main_score("cola", {"acc": 1.0})
+
+
+def test_paired_bootstrap_sees_a_small_consistent_gain_that_unpaired_noise_would_hide():
+    from dynaflow.evaluation.paired import paired_bootstrap
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 872)
+    b = np.where(rng.random(872) < 0.85, labels, 1 - labels)  # ~85% right
+    a = b.copy()
+    wrong = np.flatnonzero(b != labels)[:15]  # a fixes 15 of b's errors and breaks none: +1.7 points
+    a[wrong] = labels[wrong]
+    gap = paired_bootstrap("sst2", a, b, labels, resamples=500)
+    assert gap.difference == pytest.approx(15 / 872)
+    assert 0 < gap.low <= gap.difference <= gap.high  # one accuracy's standard error is ~1.2 points
+    assert gap.share_not_above == 0.0
+    same = paired_bootstrap("sst2", b, b, labels, resamples=50)
+    assert (same.difference, same.low, same.high, same.share_not_above) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_bootstrap_on_a_regression_task_and_its_input_checks():
+    from dynaflow.evaluation.paired import paired_bootstrap
+
+    rng = np.random.default_rng(2)
+    gold = rng.uniform(0, 5, 300)
+    good, noisy = gold + rng.normal(0, 0.5, 300), gold + rng.normal(0, 2.0, 300)
+    gap = paired_bootstrap("stsb", noisy, good, gold, resamples=300)
+    assert gap.high < 0 and gap.share_not_above == 1.0  # the noisier scorer correlates less
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap("stsb", good[:10], good, gold)
+    with pytest.raises(ValueError, match="resamples"):
+        paired_bootstrap("stsb", good, good, gold, resamples=0)
