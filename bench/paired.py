@@ -7,6 +7,10 @@ Each pair's dev-score gap (gates minus PoWER-BERT) with a 95% paired-bootstrap i
 (:mod:`dynaflow.evaluation.paired`, 2,000 resamples of the dev examples). The FLOPs columns say which of the
 two is cheaper: "the one stage at least matches PoWER-BERT at equal FLOPs" holds where a gated model at least
 as cheap as a PoWER-BERT model has an interval that reaches 0 or above it.
+
+When ``gates_dynabert.lambdas`` holds 0, each gated DynaBERT cell is also paired with its λ = 0 twin: the
+same cell distilled from the teacher for as many steps with no cost on tokens. A gated cell that beats the
+cell it was cut from may owe that to the extra distillation, not to the gates; the twin tells which.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def run(args: Any) -> dict[str, Any]:
     from dynaflow.evaluation.paired import paired_bootstrap
     from dynaflow.evaluation.scoring import load_dev
     from stages.gates import run_name
+    from stages.gates_dynabert import cell_run_name
     from stages.registry import Layout
 
     root = args.project.resolve()
@@ -48,41 +53,45 @@ def run(args: Any) -> dict[str, Any]:
     meta = read_task_meta(data_dir)
     dev = next(iter(load_dev(data_dir, meta["dev_splits"]).values()))
     labels = np.asarray(dev.labels)
-    models: dict[str, dict[str, Any]] = {}
-    for family in ("gates", "powerbert"):
-        for lam in getattr(params, family).lambdas:
-            where = root / OUT / family / run_name(lam)
-            if not (where / "metrics.json").is_file():
-                raise SystemExit(f"{where}: not trained; run bench/gates.py --project {args.project} first")
-            info = json.loads((where / "metrics.json").read_text())
-            predictions = dev_predictions(where, dev)
-            again = main_score(meta["task"], compute_metrics(meta["task"], predictions, labels))
-            if abs(again - info["score"]) > 1e-4:  # then these are not the predictions its score came from
-                raise SystemExit(f"{where}: dev score {again:.4f} here, {info['score']:.4f} in metrics.json")
-            models[f"{family}/{run_name(lam)}"] = {"family": family, "score": info["score"],
-                                                   "flops_reduction": info["flops_reduction"],
-                                                   "predictions": predictions}  # fmt: skip
-    pairs = []
-    for g_name, g in models.items():
-        for p_name, p in models.items():
-            if g["family"] != "gates" or p["family"] != "powerbert":
-                continue
-            gap = paired_bootstrap(meta["task"], g["predictions"], p["predictions"], labels, seed=params.seed)
-            pairs.append({"gates": g_name, "powerbert": p_name, "gates_reduction": g["flops_reduction"],
-                          "powerbert_reduction": p["flops_reduction"], "gates_score": g["score"],
-                          "powerbert_score": p["score"], **gap.as_dict()})  # fmt: skip
+
+    def model(where: Path) -> dict[str, Any]:
+        if not (where / "metrics.json").is_file():
+            raise SystemExit(f"{where}: not trained; run bench/gates.py --project {args.project} first")
+        info = json.loads((where / "metrics.json").read_text())
+        predictions = dev_predictions(where, dev)
+        again = main_score(meta["task"], compute_metrics(meta["task"], predictions, labels))
+        if abs(again - info["score"]) > 1e-4:  # then these are not the predictions its score came from
+            raise SystemExit(f"{where}: dev score {again:.4f} here, {info['score']:.4f} in metrics.json")
+        return {"name": f"{where.parent.name}/{where.name}", "score": info["score"],
+                "flops_reduction": info["flops_reduction"], "predictions": predictions}  # fmt: skip
+
+    def paired(a: dict[str, Any], b: dict[str, Any], kind: str) -> dict[str, Any]:
+        gap = paired_bootstrap(meta["task"], a["predictions"], b["predictions"], labels, seed=params.seed)
+        return {"kind": kind, "a": a["name"], "b": b["name"], "a_reduction": a["flops_reduction"],
+                "b_reduction": b["flops_reduction"], "a_score": a["score"], "b_score": b["score"],
+                **gap.as_dict()}  # fmt: skip
+
+    gated = [model(root / OUT / "gates" / run_name(lam)) for lam in params.gates.lambdas]
+    power = [model(root / OUT / "powerbert" / run_name(lam)) for lam in params.powerbert.lambdas]
+    pairs = [paired(g, p, "gates vs PoWER-BERT") for g in gated for p in power]
+    cells = params.gates_dynabert
+    if 0.0 in cells.lambdas:  # a cell gated at λ = 0: the same extra distillation with tokens free
+        for cell in cells.subnetworks:
+            twin = model(root / OUT / "gates_dynabert" / cell_run_name(cell, 0.0))
+            for lam in (x for x in cells.lambdas if x > 0):
+                gated_cell = model(root / OUT / "gates_dynabert" / cell_run_name(cell, lam))
+                pairs.append(paired(gated_cell, twin, "gated cell vs its λ = 0 twin"))
     return {"project": str(root), "task": meta["task"], "metric": meta["main_metric"],
             "dev_examples": len(labels), "pairs": pairs}  # fmt: skip
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['task']}, {result['dev_examples']} dev examples, {result['metric']} (points):", "",
-             "| gated | fewer FLOPs | PoWER-BERT | fewer FLOPs | gap (gates − PoWER-BERT) | 95% interval "
-             "| resamples gates not above |", "|---|---:|---|---:|---:|---|---:|"]  # fmt: skip
+             "| model a | fewer FLOPs | model b | fewer FLOPs | gap (a − b) | 95% interval "
+             "| resamples a not above b |", "|---|---:|---|---:|---:|---|---:|"]  # fmt: skip
     for p in result["pairs"]:
         lines.append(
-            f"| {p['gates']} | {p['gates_reduction']:.2f}x "
-            f"| {p['powerbert']} | {p['powerbert_reduction']:.2f}x "
+            f"| {p['a']} | {p['a_reduction']:.2f}x | {p['b']} | {p['b_reduction']:.2f}x "
             f"| {p['difference'] * 100:+.2f} | {p['low'] * 100:+.2f} to {p['high'] * 100:+.2f} "
             f"| {p['share_not_above']:.1%} |"
         )

@@ -26,7 +26,7 @@ def check_run(result: dict[str, Any]) -> dict[str, Any]:
     """One run's verdict on every target."""
     rows = result["rows"]
     top = result["front"][0]  # the most accurate point served (the full model when it is on the front)
-    reference = result.get("reference", "full model")  # older runs: always the full model
+    reference = result.get("reference", "w1.0_d1.0")  # older runs: always the full model
     out: dict[str, Any] = {"seed": seed_of(result["command"]), "reference": reference}
     for trace in DOMINANCE_TRACES:
         of_trace = [r for r in rows if r["trace"] == trace]

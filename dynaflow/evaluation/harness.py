@@ -171,8 +171,9 @@ def prepare(
         prepared.append(p)
         if int8 and p.onnx_path is not None:
             prepared.append(int8_variant(p, task, dev, float_logits, cfg.int8_recipe))
-            log.info("%s int8: dev score %.4f, agrees with float32 on %s of dev", c.id,
-                     prepared[-1].scores["score"], prepared[-1].int8["agreement"])  # fmt: skip
+            agreement = prepared[-1].int8["agreement"]  # None for regression: no labels to agree on
+            agrees = "" if agreement is None else f", agrees with float32 on {agreement:.1%} of dev"
+            log.info("%s int8: dev score %.4f%s", c.id, prepared[-1].scores["score"], agrees)
         log.info(
             "%s: dev score %.4f, %.2f M params (%.1f s)",
             c.id,
