@@ -25,13 +25,12 @@ OUT = "artifacts/gates-bench"  # where bench/gates.py keeps its models
 
 
 def dev_predictions(model_dir: Path, dev: Any) -> Any:
-    """The hard-gated model's dev logits (regression: scores), tokens really dropped."""
+    """The hard-gated model's dev logits (regression: scores), tokens really dropped, built as the harness
+    builds the candidate."""
     from dynaflow.evaluation.scoring import hf_logits, predict
-    from dynaflow.methods.gates.modeling_gated_bert import GatedBertForSequenceClassification
+    from dynaflow.methods.gates.candidates import gated_model
 
-    model = GatedBertForSequenceClassification.from_pretrained(model_dir).eval()
-    model.config.hard_gates = True
-    logits = predict(hf_logits(model), dev)
+    logits = predict(hf_logits(gated_model(model_dir).build()), dev)
     return logits[:, 0] if logits.shape[1] == 1 else logits
 
 

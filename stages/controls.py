@@ -157,12 +157,12 @@ def earlier_cells(params: Params, layout: Layout, listed: list) -> list[tuple[fl
     """Grid cells not ``listed`` whose control an earlier run trained under the current key (same
     DynaBERT, params and code): wall-budget cells are trained one run at a time, and each run's results and
     summary should cover every cell trained so far, not the last one alone."""
-    where = layout.root / OUT / params.controls.budget
+    where, listed_cells = layout.root / OUT / params.controls.budget, {tuple(c) for c in listed}
     return [
         (w, d)
         for w in params.widths
         for d in params.depths
-        if [w, d] not in [list(c) for c in listed]
+        if (w, d) not in listed_cells
         and check_output(where / cell_name((w, d)), control_key(params, layout, (w, d))) is None
     ]
 

@@ -1,8 +1,9 @@
 """Is one model better than another on the same dev examples? A paired bootstrap of the main-score gap.
 
-Two models scored on the same examples share the examples' difficulty, so their gap is far less noisy than
-either score: on SST-2 dev one accuracy has a standard error near 1.2 points, while two models that agree on
-most sentences differ by much less than that from one resample to the next. Resampling the examples, with
+Two models scored on the same examples share the examples' difficulty, so their gap is less noisy than two
+independent scores' gap, the more so the more examples they agree on (on SST-2 dev one accuracy has a
+standard error near 1.2 points; two gated models that disagree on many sentences still gave intervals of
+about ±1.5 points, BENCHMARKS.md). Resampling the examples, with
 both models' predictions kept together, gives the gap's spread for any task metric (accuracy, MCC, Pearson),
 where McNemar's test would cover accuracy alone.
 """
