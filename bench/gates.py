@@ -64,7 +64,7 @@ def train_cells(root: Path, params: Any) -> dict[str, Any]:
     fingerprint = settings_fingerprint(params.gates, params.seed)
     for cell in section.subnetworks:
         for lam in section.lambdas:
-            name = cell_run_name(cell, lam)
+            name = cell_run_name(cell, lam, section.distil_from)
             trained[name] = trained_once(root / OUT / "gates_dynabert" / name, lambda folder, c=cell, lam=lam,
                 n=name: train_cell(params, c, lam, dirs, folder, layout.work(f"gates-bench-cells-{n}"),
                                    fingerprint, NullTracker()))  # fmt: skip

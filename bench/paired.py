@@ -76,9 +76,10 @@ def run(args: Any) -> dict[str, Any]:
     cells = params.gates_dynabert
     if 0.0 in cells.lambdas:  # a cell gated at λ = 0: the same extra distillation with tokens free
         for cell in cells.subnetworks:
-            twin = model(root / OUT / "gates_dynabert" / cell_run_name(cell, 0.0))
+            where = root / OUT / "gates_dynabert"
+            twin = model(where / cell_run_name(cell, 0.0, cells.distil_from))
             for lam in (x for x in cells.lambdas if x > 0):
-                gated_cell = model(root / OUT / "gates_dynabert" / cell_run_name(cell, lam))
+                gated_cell = model(where / cell_run_name(cell, lam, cells.distil_from))
                 pairs.append(paired(gated_cell, twin, "gated cell vs its λ = 0 twin"))
     return {"project": str(root), "task": meta["task"], "metric": meta["main_metric"],
             "dev_examples": len(labels), "pairs": pairs}  # fmt: skip

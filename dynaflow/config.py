@@ -349,7 +349,7 @@ class GatesConfig(_GatedTraining):
 
 class GatesOnDynaBertConfig(_Section):
     """Token gates on DynaBERT sub-networks (width x depth x length): each cell of ``subnetworks`` is cut from
-    the DynaBERT model (depth_kd) and trained with gates for every λ, distilled from the same teacher; every
+    the DynaBERT model (depth_kd) and trained with gates for every λ, distilled from ``distil_from``; every
     other setting is the ``gates`` section's."""
 
     subnetworks: list[tuple[float, float]] = Field(
@@ -359,6 +359,13 @@ class GatesOnDynaBertConfig(_Section):
         "when the stage runs)",
     )
     lambdas: list[float] = Field([0.02, 0.05], min_length=1, description="one candidate per λ and cell")
+    distil_from: Literal["teacher", "dynabert", "source"] = Field(
+        "teacher",
+        description="what the gated cell is distilled from (gates.loss kd): teacher, the fine-tuned "
+        "teacher | "
+        "dynabert, DynaBERT's full-size model (as DynaBERT's depth stage distils from its width model) | "
+        "source, the cut cell itself, frozen (the gates learn to change nothing but the tokens)",
+    )
 
     _lambdas = field_validator("lambdas")(_distinct_lambdas)
 

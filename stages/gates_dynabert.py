@@ -1,14 +1,18 @@
 """Token gates on DynaBERT sub-networks: width x depth x length, one candidate per cell and λ.
 
 Each ``gates_dynabert.subnetworks`` cell (width, depth) is cut from the DynaBERT model (``depth_kd``) as the
-evaluate stage cuts it, then trained as the gates stage trains the teacher (every setting but the cells and
-``gates_dynabert.lambdas`` is the ``gates`` section's), distilled from the same fine-tuned teacher. The
-cut sub-network is the *source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs beside
-the gated model's, so "how many fewer FLOPs for how many points" is read against the sub-network, not the
-teacher (the teacher's FLOPs are there too).
+evaluate stage cuts it, then trained as the gates stage trains the teacher (every setting but the cells,
+``gates_dynabert.lambdas`` and ``gates_dynabert.distil_from`` is the ``gates`` section's). It is distilled
+from the fine-tuned teacher by default; ``distil_from: dynabert`` distils it from DynaBERT's full-size
+model instead (on SST-2's bench the teacher scores 1.6 points under DynaBERT's cells, and distilling from
+it pulls a cell down to it), and ``source`` from the cut cell itself, frozen. The cut sub-network is the
+*source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs beside the gated model's, so
+"how many fewer FLOPs for how many points" is read against the sub-network, not the teacher (the teacher's
+FLOPs are there too).
 
-Outputs: ``artifacts/gates_dynabert/w<width>_d<depth>-l<λ>/``, as the gates stage's (the hard-gated model,
-its tokenizer, ``metrics.json``, ``gates.json``, the loss curve). Checkpoints: ``work_dir/<name>/``.
+Outputs: ``artifacts/gates_dynabert/w<width>_d<depth>-l<λ>[-kd_<distil_from>]/``, as the gates stage's
+(the hard-gated model, its tokenizer, ``metrics.json``, ``gates.json``, the loss curve). Checkpoints:
+``work_dir/<name>/``.
 """
 
 from __future__ import annotations
@@ -32,16 +36,20 @@ from stages.gates import (
 from stages.registry import Stage, StageContext, register
 
 
-def cell_run_name(cell: tuple[float, float], lam: float) -> str:
-    """``w0.5_d0.75-l0.02``: one cell's model at one λ (its folder and candidate name)."""
+def cell_run_name(cell: tuple[float, float], lam: float, distil_from: str = "teacher") -> str:
+    """``w0.5_d0.75-l0.02``: one cell's model at one λ (its folder and candidate name); a model distilled
+    from anything but the teacher says so (``w0.5_d0.75-l0.02-kd_dynabert``), so the two never share a name
+    in one report."""
     from dynaflow.methods.dynabert.candidates import point_name
 
-    return f"{point_name(*cell)}-{run_name(lam)}"
+    suffix = "" if distil_from == "teacher" else f"-kd_{distil_from}"
+    return f"{point_name(*cell)}-{run_name(lam)}{suffix}"
 
 
 def run_names(p: Params) -> list[str]:
     section = p.gates_dynabert
-    return [cell_run_name(cell, lam) for cell in section.subnetworks for lam in section.lambdas]
+    cells = section.subnetworks
+    return [cell_run_name(cell, lam, section.distil_from) for cell in cells for lam in section.lambdas]
 
 
 def check_cells(p: Params) -> None:
@@ -50,24 +58,39 @@ def check_cells(p: Params) -> None:
 
 
 def source_subnetwork(
-    dynabert_dir: Path, teacher_dir: Path, cell: tuple[float, float], **config: Any
+    dynabert_dir: Path,
+    teacher_dir: Path,
+    cell: tuple[float, float],
+    distil_from: str = "teacher",
+    **config: Any,
 ) -> tuple[Any, Any]:
-    """(the cell cut from DynaBERT as a gated model with open gates, the teacher frozen)."""
+    """(the cell cut from DynaBERT as a gated model with open gates, the model it is distilled from, frozen:
+    the fine-tuned teacher, DynaBERT's full-size model or the cut cell itself, as ``distil_from`` says)."""
+    from dynaflow.core.distributed import device
     from dynaflow.methods.gates.modeling_gated_bert import gated_copy
     from dynaflow.models.backbone import load_elastic
     from dynaflow.models.extract import extract_subnetwork
 
-    teacher = frozen_teacher(teacher_dir)
-    dynabert = load_elastic(dynabert_dir).eval()
-    sub = extract_subnetwork(dynabert, *cell).to(next(teacher.parameters()).device)
-    return gated_copy(sub, **config).train(), teacher
+    dynabert = load_elastic(dynabert_dir).eval().to(device())
+    sub = extract_subnetwork(dynabert, *cell).to(device()).eval()
+    kd_source = {
+        "teacher": lambda: frozen_teacher(teacher_dir),
+        "dynabert": lambda: dynabert,  # unless told a sub-network, the elastic model runs at full size
+        "source": lambda: sub,  # gated_copy copies the weights: freezing the cell leaves the student's free
+    }[distil_from]()
+    for weight in kd_source.parameters():
+        weight.requires_grad_(False)
+    return gated_copy(sub, **config).train(), kd_source
 
 
-def source_scores(model: Any, teacher: Any, data_dir: Path, eval_batch_size: int) -> dict[str, float]:
+def source_scores(model: Any, teacher_dir: Path, data_dir: Path, eval_batch_size: int) -> dict[str, float]:
     """The cut sub-network's own dev scores (open gates: the source model), as ``source.<metric>``, and the
     teacher's encoder GFLOPs per dev example (the gated model's metrics count them against the source)."""
+    from transformers import BertConfig
+
     from dynaflow.evaluation.scoring import evaluate, hf_logits, load_dev
     from dynaflow.methods.gates.budget import all_kept, token_budget
+    from dynaflow.models.elastic_bert import ElasticBertConfig
 
     meta = read_task_meta(data_dir)
     dev = load_dev(data_dir, meta["dev_splits"])
@@ -75,26 +98,28 @@ def source_scores(model: Any, teacher: Any, data_dir: Path, eval_batch_size: int
     scores = evaluate(hf_logits(model), meta["task"], dev, eval_batch_size)
     model.train()
     lengths = [len(ids) for ids in dev[meta["dev_splits"][0]].input_ids]
-    keep = all_kept(teacher.config.num_hidden_layers, max(lengths))
-    teacher_gflops = token_budget(teacher.config, keep, lengths)["gflops_per_example"]
+    teacher_config = ElasticBertConfig.from_bert_config(BertConfig.from_pretrained(teacher_dir))
+    keep = all_kept(teacher_config.num_hidden_layers, max(lengths))
+    teacher_gflops = token_budget(teacher_config, keep, lengths)["gflops_per_example"]
     return {f"source.{k}": v for k, v in scores.items()} | {"teacher_gflops_per_example": teacher_gflops}
 
 
 def train_cell(p: Params, cell: tuple[float, float], lam: float, dirs: dict[str, Path], out_dir: Path,
                work_dir: Path, key: str, tracker: NullTracker) -> dict[str, Any]:  # fmt: skip
     """One cell at one λ: cut, score the source, train the gates, save into ``out_dir``."""
-    cfg, name = p.gates, cell_run_name(cell, lam)
+    cfg, distil_from = p.gates, p.gates_dynabert.distil_from
+    name = cell_run_name(cell, lam, distil_from)
     model, teacher = source_subnetwork(
-        dirs["depth_kd"], dirs["teacher"], cell,
+        dirs["depth_kd"], dirs["teacher"], cell, distil_from,
         gate_scales_vector=cfg.gate_scales_vector, straight_through=cfg.straight_through,
     )  # fmt: skip
-    source = source_scores(model, teacher, dirs["data"], cfg.eval_batch_size)
+    source = source_scores(model, dirs["teacher"], dirs["data"], cfg.eval_batch_size)
     plan = GateTraining(
         f"gates-{name}", lam, cfg.mass, cfg.layer_cost, cfg.bimodal_weight, cfg.bimodal_start, cfg.epochs,
         cfg.selection,
     )  # fmt: skip
     model, record = train_gated(cfg, plan, model, teacher, p.seed, dirs["data"], work_dir, key, tracker)
-    extra = {"lambda": lam, "width": cell[0], "depth": cell[1]} | source
+    extra = {"lambda": lam, "width": cell[0], "depth": cell[1], "distil_from": distil_from} | source
     return save_gated(
         model, record, dirs["data"], dirs["teacher"], out_dir, cfg.eval_batch_size, extra, tracker
     )
@@ -107,7 +132,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for cell in p.gates_dynabert.subnetworks:
         for lam in p.gates_dynabert.lambdas:
-            name = cell_run_name(cell, lam)
+            name = cell_run_name(cell, lam, p.gates_dynabert.distil_from)
             found = train_cell(p, cell, lam, dirs, ctx.out / name, ctx.work / name, ctx.key, ctx.tracker)
             metrics |= run_metrics(name, found)
     return metrics

@@ -26,6 +26,7 @@ from dynaflow.methods.gates.regularizers import bimodal_term, mass_term, prefix_
 from dynaflow.models.elastic_bert import ElasticBertConfig, ElasticBertForSequenceClassification
 from dynaflow.models.extract import extract_subnetwork, subnetwork_flops
 from stages import Layout, flow_stages, run_stage
+from tests.conftest import tiny_elastic
 
 LAYERS, POSITIONS = 3, 40
 
@@ -260,3 +261,36 @@ def test_gates_on_a_dynabert_cell_end_to_end(
     rows = [r for e in results["profiles"] if e["status"] == "measured" for r in e["rows"]]
     assert {r["candidate"] for r in rows} == {"gates_dynabert/w0.5_d0.5-l0", "gates_dynabert/w0.5_d0.5-l2"}
     assert all(r["width"] == 0.5 and r["depth"] == 0.5 and r["layers"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("distil_from", ["teacher", "dynabert", "source"])
+def test_gated_cell_distils_from_the_model_named(tmp_path: Path, distil_from: str) -> None:
+    """``gates_dynabert.distil_from`` picks the frozen model the gated cell learns from: the teacher,
+    DynaBERT's full-size model or the cut cell itself; the student is a copy that trains on its own."""
+    from dynaflow.models.backbone import load_elastic
+    from stages.gates_dynabert import cell_run_name, source_subnetwork
+
+    teacher_dir, dynabert_dir = tmp_path / "teacher", tmp_path / "depth_kd"
+    tiny_elastic(seed=1).save_pretrained(teacher_dir)
+    tiny_elastic(seed=2).save_pretrained(dynabert_dir)
+    student, frozen = source_subnetwork(dynabert_dir, teacher_dir, (0.5, 0.5), distil_from)
+    ids = torch.randint(5, 90, (3, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cell = extract_subnetwork(load_elastic(dynabert_dir).eval(), 0.5, 0.5).eval()
+    expected = {"teacher": load_elastic(teacher_dir).eval(), "dynabert": load_elastic(dynabert_dir).eval(),
+                "source": cell}[distil_from]  # fmt: skip
+    with torch.no_grad():
+        logits = frozen(**batch).logits
+        torch.testing.assert_close(logits, expected(**batch).logits)
+        for other in {"teacher", "dynabert", "source"} - {distil_from}:
+            wrong = {"teacher": teacher_dir, "dynabert": dynabert_dir}.get(other)
+            wrong_model = load_elastic(wrong).eval() if wrong else cell
+            assert not torch.allclose(logits, wrong_model(**batch).logits)
+    assert not any(w.requires_grad for w in frozen.parameters())
+    assert student.training and all(w.requires_grad for w in student.bert.parameters())
+    with torch.no_grad():  # the student starts as the cell (open gates) but shares no weight with the source
+        torch.testing.assert_close(student.eval()(**batch).logits, cell(**batch).logits)
+        next(student.parameters()).add_(1.0)
+        torch.testing.assert_close(frozen(**batch).logits, logits)
+    suffix = "" if distil_from == "teacher" else f"-kd_{distil_from}"
+    assert cell_run_name((0.5, 0.5), 0.02, distil_from) == f"w0.5_d0.5-l0.02{suffix}"
