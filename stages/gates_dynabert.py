@@ -71,11 +71,11 @@ def source_subnetwork(
     from dynaflow.models.backbone import load_elastic
     from dynaflow.models.extract import extract_subnetwork
 
-    dynabert = load_elastic(dynabert_dir).eval().to(device())
+    dynabert = load_elastic(dynabert_dir).eval()
     sub = extract_subnetwork(dynabert, *cell).to(device()).eval()
     kd_source = {
         "teacher": lambda: frozen_teacher(teacher_dir),
-        "dynabert": lambda: dynabert,  # unless told a sub-network, the elastic model runs at full size
+        "dynabert": lambda: dynabert.to(device()),  # with no sub-network set, the elastic model is full size
         "source": lambda: sub,  # gated_copy copies the weights: freezing the cell leaves the student's free
     }[distil_from]()
     for weight in kd_source.parameters():
