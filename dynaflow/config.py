@@ -359,12 +359,12 @@ class GatesOnDynaBertConfig(_Section):
         "when the stage runs)",
     )
     lambdas: list[float] = Field([0.02, 0.05], min_length=1, description="one candidate per λ and cell")
-    distil_from: Literal["teacher", "dynabert", "source"] = Field(
-        "teacher",
-        description="what the gated cell is distilled from (gates.loss kd): teacher, the fine-tuned "
-        "teacher | "
-        "dynabert, DynaBERT's full-size model (as DynaBERT's depth stage distils from its width model) | "
-        "source, the cut cell itself, frozen (the gates learn to change nothing but the tokens)",
+    distil_from: Literal["auto", "teacher", "dynabert", "source"] = Field(
+        "auto",
+        description="what the gated cell is distilled from (gates.loss kd): auto, the better of teacher and "
+        "dynabert on the held-out rows (data.heldout_examples; the dev score stays unseen) | teacher, the "
+        "fine-tuned teacher | dynabert, DynaBERT's full-size model (as DynaBERT's depth stage distils from "
+        "its width model) | source, the cut cell itself, frozen (the gates change nothing but the tokens)",
     )
 
     _lambdas = field_validator("lambdas")(_distinct_lambdas)

@@ -3,9 +3,11 @@
 Each ``gates_dynabert.subnetworks`` cell (width, depth) is cut from the DynaBERT model (``depth_kd``) as the
 evaluate stage cuts it, then trained as the gates stage trains the teacher (every setting but the cells,
 ``gates_dynabert.lambdas`` and ``gates_dynabert.distil_from`` is the ``gates`` section's). It is distilled
-from the fine-tuned teacher by default; ``distil_from: dynabert`` distils it from DynaBERT's full-size
-model instead (on SST-2's bench the teacher scores 1.6 points under DynaBERT's cells, and distilling from
-it pulls a cell down to it), and ``source`` from the cut cell itself, frozen. The cut sub-network is the
+from the better, on the held-out rows, of the fine-tuned teacher and DynaBERT's full-size model
+(``distil_from: auto``): on SST-2's bench the teacher scores 1.6 points under DynaBERT's cells and
+distilling from it pulled a gated cell down to it, on STS-B's the teacher is the stronger and the better
+source. ``teacher`` and ``dynabert`` force one, ``source`` distils from the cut cell itself, frozen. The
+cut sub-network is the
 *source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs beside the gated model's, so
 "how many fewer FLOPs for how many points" is read against the sub-network, not the teacher (the teacher's
 FLOPs are there too).
@@ -17,6 +19,7 @@ Outputs: ``artifacts/gates_dynabert/w<width>_d<depth>-l<λ>[-kd_<distil_from>]/`
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,16 @@ from stages.gates import (
 )
 from stages.registry import Stage, StageContext, register
 
+LOG = logging.getLogger(__name__)
 
-def cell_run_name(cell: tuple[float, float], lam: float, distil_from: str = "teacher") -> str:
+
+def cell_run_name(cell: tuple[float, float], lam: float, distil_from: str = "auto") -> str:
     """``w0.5_d0.75-l0.02``: one cell's model at one λ (its folder and candidate name); a model distilled
-    from anything but the teacher says so (``w0.5_d0.75-l0.02-kd_dynabert``), so the two never share a name
-    in one report."""
+    from a source forced by ``distil_from`` says so (``w0.5_d0.75-l0.02-kd_dynabert``), so two never share
+    a name in one report."""
     from dynaflow.methods.dynabert.candidates import point_name
 
-    suffix = "" if distil_from == "teacher" else f"-kd_{distil_from}"
+    suffix = "" if distil_from == "auto" else f"-kd_{distil_from}"
     return f"{point_name(*cell)}-{run_name(lam)}{suffix}"
 
 
@@ -55,6 +60,27 @@ def run_names(p: Params) -> list[str]:
 def check_cells(p: Params) -> None:
     """Every cell must be one DynaBERT trained: its width in ``widths`` and its depth in ``depths``."""
     p.check_cells("gates_dynabert.subnetworks", p.gates_dynabert.subnetworks)
+
+
+def resolve_distil_from(choice: str, dirs: dict[str, Path], eval_batch_size: int) -> dict[str, Any]:
+    """``{"distil_from": ...}``: ``choice`` itself, or for ``auto`` the better of the teacher and DynaBERT's
+    full-size model on the held-out rows (ties: the teacher), with both scores beside it. The held-out
+    rows, not dev: the dev score the report shows must not have chosen anything."""
+    if choice != "auto":
+        return {"distil_from": choice}
+    from dynaflow.data.splits import HELDOUT, load_heldout
+    from dynaflow.evaluation.scoring import evaluate, hf_logits
+    from dynaflow.models.backbone import load_elastic
+
+    heldout, task = {HELDOUT: load_heldout(dirs["data"])}, read_task_meta(dirs["data"])["task"]
+    scores = {
+        name: evaluate(hf_logits(load_elastic(dirs[stage])), task, heldout, eval_batch_size)["score"]
+        for name, stage in (("teacher", "teacher"), ("dynabert", "depth_kd"))
+    }
+    best = max(scores, key=scores.__getitem__)  # the first of equals: the teacher
+    LOG.info("gated cells distil from %s (held-out score: teacher %.4f, DynaBERT %.4f)", best,
+             scores["teacher"], scores["dynabert"])  # fmt: skip
+    return {"distil_from": best} | {f"heldout_score.{name}": v for name, v in scores.items()}
 
 
 def source_subnetwork(
@@ -107,10 +133,10 @@ def source_scores(model: Any, teacher_dir: Path, data_dir: Path, eval_batch_size
 def train_cell(p: Params, cell: tuple[float, float], lam: float, dirs: dict[str, Path], out_dir: Path,
                work_dir: Path, key: str, tracker: NullTracker) -> dict[str, Any]:  # fmt: skip
     """One cell at one λ: cut, score the source, train the gates, save into ``out_dir``."""
-    cfg, distil_from = p.gates, p.gates_dynabert.distil_from
-    name = cell_run_name(cell, lam, distil_from)
+    cfg, name = p.gates, cell_run_name(cell, lam, p.gates_dynabert.distil_from)
+    chosen = resolve_distil_from(p.gates_dynabert.distil_from, dirs, cfg.eval_batch_size)
     model, teacher = source_subnetwork(
-        dirs["depth_kd"], dirs["teacher"], cell, distil_from,
+        dirs["depth_kd"], dirs["teacher"], cell, chosen["distil_from"],
         gate_scales_vector=cfg.gate_scales_vector, straight_through=cfg.straight_through,
     )  # fmt: skip
     source = source_scores(model, dirs["teacher"], dirs["data"], cfg.eval_batch_size)
@@ -119,7 +145,7 @@ def train_cell(p: Params, cell: tuple[float, float], lam: float, dirs: dict[str,
         cfg.selection,
     )  # fmt: skip
     model, record = train_gated(cfg, plan, model, teacher, p.seed, dirs["data"], work_dir, key, tracker)
-    extra = {"lambda": lam, "width": cell[0], "depth": cell[1], "distil_from": distil_from} | source
+    extra = {"lambda": lam, "width": cell[0], "depth": cell[1]} | chosen | source
     return save_gated(
         model, record, dirs["data"], dirs["teacher"], out_dir, cfg.eval_batch_size, extra, tracker
     )

@@ -292,5 +292,39 @@ def test_gated_cell_distils_from_the_model_named(tmp_path: Path, distil_from: st
         torch.testing.assert_close(student.eval()(**batch).logits, cell(**batch).logits)
         next(student.parameters()).add_(1.0)
         torch.testing.assert_close(frozen(**batch).logits, logits)
-    suffix = "" if distil_from == "teacher" else f"-kd_{distil_from}"
-    assert cell_run_name((0.5, 0.5), 0.02, distil_from) == f"w0.5_d0.5-l0.02{suffix}"
+    assert cell_run_name((0.5, 0.5), 0.02, distil_from) == f"w0.5_d0.5-l0.02-kd_{distil_from}"
+    assert cell_run_name((0.5, 0.5), 0.02, "auto") == "w0.5_d0.5-l0.02"
+
+
+def test_auto_distils_from_the_better_on_held_out_rows(
+    project: Path, stand_in_training: None, tmp_path: Path
+) -> None:
+    """``distil_from: auto`` picks whichever of the teacher and DynaBERT's full model scores higher on the
+    held-out rows (never on dev), so swapping the two models swaps the choice."""
+    from dynaflow.data.splits import load_split, write_split
+    from dynaflow.models.backbone import load_elastic
+    from stages.gates_dynabert import resolve_distil_from
+
+    params, layout = load_params(project / "params.yaml"), Layout(project)
+    for name in ("data", "teacher"):
+        run_stage(name, params, layout)
+    data = layout.out("data")
+    held = load_split(data, "heldout")
+    write_split(data / "heldout.parquet", held.input_ids, held.token_type_ids, np.ones_like(held.labels))
+    dev = load_split(data, "dev")  # dev all 0: a choice made on dev would go the other way
+    write_split(data / "dev.parquet", dev.input_ids, dev.token_type_ids, np.zeros_like(dev.labels))
+
+    def always(label: int) -> Path:  # the teacher's weights, its classifier answering ``label`` always
+        model = load_elastic(layout.out("teacher"))
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.copy_(torch.tensor([0.0, 5.0] if label else [5.0, 0.0]))
+        model.save_pretrained(tmp_path / f"always{label}")
+        return tmp_path / f"always{label}"
+
+    right, wrong = always(1), always(0)
+    for teacher, dynabert, expected in ((right, wrong, "teacher"), (wrong, right, "dynabert")):
+        chosen = resolve_distil_from("auto", {"data": data, "teacher": teacher, "depth_kd": dynabert}, 16)
+        assert chosen["distil_from"] == expected
+        assert chosen[f"heldout_score.{expected}"] == 1.0
+    assert resolve_distil_from("source", {}, 16) == {"distil_from": "source"}
