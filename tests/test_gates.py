@@ -171,6 +171,24 @@ def test_flops_count_the_kept_lengths(source) -> None:
     assert budget["flops_reduction"] > 1 and budget["kept_per_layer"][0] == pytest.approx(37 / 3, abs=1e-3)
 
 
+def test_flops_count_what_the_hard_form_runs(source) -> None:
+    """gated_flops is the hard form's encoder matmuls, counted by torch on one real run: what the layers keep
+    decides where each matmul runs (beside them: the ranking's einsum, the pooler and the classifier)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gated = gated_copy(source, hard_gates=True).eval()
+    random_binary_gates(gated, 1)
+    cfg, n = gated.config, 11
+    lengths = kept_lengths(gated.keep_mask(), n)
+    assert lengths[1] < n  # the first layer drops tokens: the case the count could get wrong
+    ids = torch.randint(5, cfg.vocab_size, (1, n))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        gated(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ranking = sum(2 * t * t for t in lengths[:-1])  # torch's einsum sums the heads first, then one bmm
+    head = 2 * cfg.hidden_size * (cfg.hidden_size + cfg.num_labels)
+    assert counter.get_total_flops() == gated_flops(cfg, lengths) + ranking + head
+
+
 def test_gates_on_a_dynabert_subnetwork(source) -> None:
     """width x depth x length: a gated model on an extracted sub-network keeps its logits with open gates."""
     sub = extract_subnetwork(source, 0.5, 0.67).eval()
