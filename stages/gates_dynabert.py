@@ -6,11 +6,11 @@ evaluate stage cuts it, then trained as the gates stage trains the teacher (ever
 from the better, on the held-out rows, of the fine-tuned teacher and DynaBERT's full-size model
 (``distil_from: auto``): on SST-2's bench the teacher scores 1.6 points under DynaBERT's cells and
 distilling from it pulled a gated cell down to it, on STS-B's the teacher is the stronger and the better
-source. ``teacher`` and ``dynabert`` force one, ``source`` distils from the cut cell itself, frozen. The
-cut sub-network is the
-*source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs beside the gated model's, so
-"how many fewer FLOPs for how many points" is read against the sub-network, not the teacher (the teacher's
-FLOPs are there too).
+source. ``teacher`` and ``dynabert`` force one, ``source`` distils from the cut cell itself, frozen.
+
+The cut sub-network is the *source*: ``metrics.json`` has its own dev score (``source.score``) and FLOPs
+beside the gated model's, so "how many fewer FLOPs for how many points" is read against the sub-network, not
+the teacher (the teacher's FLOPs are there too).
 
 Outputs: ``artifacts/gates_dynabert/w<width>_d<depth>-l<λ>[-kd_<distil_from>]/``, as the gates stage's
 (the hard-gated model, its tokenizer, ``metrics.json``, ``gates.json``, the loss curve). Checkpoints:
