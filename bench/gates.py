@@ -52,7 +52,9 @@ def train_family(root: Path, params: Any, family: str, train: Any) -> dict[str, 
 def train_cells(root: Path, params: Any) -> dict[str, Any]:
     """Gates on each DynaBERT cell and λ of ``gates_dynabert`` (the project's depth_kd model), as the
     gates_dynabert stage trains them; nothing when the project has no DynaBERT."""
-    from stages.gates_dynabert import cell_run_name, check_cells, train_cell
+    from functools import cache
+
+    from stages.gates_dynabert import cell_run_name, check_cells, resolve_distil_from, train_cell
     from stages.registry import Layout
 
     layout, trained = Layout(root), {}
@@ -62,12 +64,17 @@ def train_cells(root: Path, params: Any) -> dict[str, Any]:
     dirs = {name: layout.out(name) for name in ("data", "teacher", "depth_kd")}
     section = params.gates_dynabert
     fingerprint = settings_fingerprint(params.gates, params.seed)
+    # once, and only when a model is trained: auto scores the teacher and DynaBERT on the held-out rows
+    chosen = cache(lambda: resolve_distil_from(section.distil_from, dirs, params.gates.eval_batch_size))
     for cell in section.subnetworks:
         for lam in section.lambdas:
             name = cell_run_name(cell, lam, section.distil_from)
-            trained[name] = trained_once(root / OUT / "gates_dynabert" / name, lambda folder, c=cell, lam=lam,
-                n=name: train_cell(params, c, lam, dirs, folder, layout.work(f"gates-bench-cells-{n}"),
-                                   fingerprint, NullTracker()))  # fmt: skip
+            work = layout.work(f"gates-bench-cells-{name}")
+
+            def train(folder: Path, c: Any = cell, lam: float = lam, work: Path = work) -> dict[str, Any]:
+                return train_cell(params, c, lam, chosen(), dirs, folder, work, fingerprint, NullTracker())
+
+            trained[name] = trained_once(root / OUT / "gates_dynabert" / name, train)
     return trained
 
 

@@ -30,20 +30,25 @@ from common import project_main
 OUT = "artifacts/gates-bench"  # where bench/gates.py keeps its models
 
 
-def dev_predictions(model_dir: Path, dev: Any) -> Any:
-    """The hard-gated model's dev logits (regression: scores), tokens really dropped, built as the harness
-    builds the candidate."""
+def predictions(model: Any, dev: Any) -> Any:
+    """``model``'s dev logits (regression: its scores)."""
     from dynaflow.evaluation.scoring import hf_logits, predict
+
+    logits = predict(hf_logits(model), dev)
+    return logits[:, 0] if logits.shape[1] == 1 else logits
+
+
+def dev_predictions(model_dir: Path, dev: Any) -> Any:
+    """The hard-gated model's dev predictions, tokens really dropped, built as the harness builds the
+    candidate."""
     from dynaflow.methods.gates.candidates import gated_model
 
-    logits = predict(hf_logits(gated_model(model_dir).build()), dev)
-    return logits[:, 0] if logits.shape[1] == 1 else logits
+    return predictions(gated_model(model_dir).build(), dev)
 
 
 def grid_points(root: Path, params: Any, dev: Any) -> list[dict[str, Any]]:
     """Every plain DynaBERT grid point cut from the project's depth_kd model: its dev logits and encoder
     GFLOPs per dev example (the inputs unpadded, as the gated models' FLOPs are counted)."""
-    from dynaflow.evaluation.scoring import hf_logits, predict
     from dynaflow.methods.dynabert.candidates import extracted, point_name
     from dynaflow.methods.gates.budget import all_kept, token_budget
     from dynaflow.models.backbone import load_elastic
@@ -55,11 +60,10 @@ def grid_points(root: Path, params: Any, dev: Any) -> list[dict[str, Any]]:
     for width in params.widths:
         for depth in params.depths:
             sub = extracted(dynabert, width, depth)
-            logits = predict(hf_logits(sub), dev)
             keep = all_kept(sub.config.num_hidden_layers, max(lengths))
             points.append({"name": f"dynabert/{point_name(width, depth)}",
                            "gflops": token_budget(sub.config, keep, lengths)["gflops_per_example"],
-                           "predictions": logits[:, 0] if logits.shape[1] == 1 else logits})  # fmt: skip
+                           "predictions": predictions(sub, dev)})  # fmt: skip
     return points
 
 

@@ -130,11 +130,12 @@ def source_scores(model: Any, teacher_dir: Path, data_dir: Path, eval_batch_size
     return {f"source.{k}": v for k, v in scores.items()} | {"teacher_gflops_per_example": teacher_gflops}
 
 
-def train_cell(p: Params, cell: tuple[float, float], lam: float, dirs: dict[str, Path], out_dir: Path,
-               work_dir: Path, key: str, tracker: NullTracker) -> dict[str, Any]:  # fmt: skip
-    """One cell at one λ: cut, score the source, train the gates, save into ``out_dir``."""
+def train_cell(p: Params, cell: tuple[float, float], lam: float, chosen: dict[str, Any],
+               dirs: dict[str, Path], out_dir: Path, work_dir: Path, key: str,
+               tracker: NullTracker) -> dict[str, Any]:  # fmt: skip
+    """One cell at one λ: cut, score the source, train the gates, save into ``out_dir``. ``chosen``: what
+    :func:`resolve_distil_from` said (resolved once for every cell and λ: ``auto`` scores two models)."""
     cfg, name = p.gates, cell_run_name(cell, lam, p.gates_dynabert.distil_from)
-    chosen = resolve_distil_from(p.gates_dynabert.distil_from, dirs, cfg.eval_batch_size)
     model, teacher = source_subnetwork(
         dirs["depth_kd"], dirs["teacher"], cell, chosen["distil_from"],
         gate_scales_vector=cfg.gate_scales_vector, straight_through=cfg.straight_through,
@@ -155,11 +156,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
     p = ctx.params
     check_cells(p)
     dirs = {name: ctx.upstream(name) for name in ("data", "teacher", "depth_kd")}
+    chosen = resolve_distil_from(p.gates_dynabert.distil_from, dirs, p.gates.eval_batch_size)
     metrics: dict[str, Any] = {}
     for cell in p.gates_dynabert.subnetworks:
         for lam in p.gates_dynabert.lambdas:
             name = cell_run_name(cell, lam, p.gates_dynabert.distil_from)
-            found = train_cell(p, cell, lam, dirs, ctx.out / name, ctx.work / name, ctx.key, ctx.tracker)
+            found = train_cell(p, cell, lam, chosen, dirs, ctx.out / name, ctx.work / name, ctx.key,
+                               ctx.tracker)  # fmt: skip
             metrics |= run_metrics(name, found)
     return metrics
 

@@ -76,8 +76,8 @@ def significance(probs: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
     received = torch.einsum("bhqk,bq->bk", probs, presence)
     received = received.masked_fill(presence <= 0, float("-inf"))
     # [CLS] sits at position 0 in both forms (the soft form keeps the input order; the hard form gathers the
-    # kept ranks in rank order, rank 0 first). A pad exports as two ONNX ops; writing into a zeros tensor,
-    # as before, as fifteen, each a few microseconds per layer at batch 1.
+    # kept ranks in rank order, rank 0 first). A pad exports as two ONNX ops where writing into a zeros
+    # tensor takes fifteen, each a few microseconds per layer at batch 1.
     return nn.functional.pad(received[:, 1:], (1, 0), value=float("inf"))
 
 
@@ -170,8 +170,9 @@ class GatedBertForSequenceClassification(ElasticBertForSequenceClassification):
         heads, d = self.config.layer_heads(j), self.config.attention_head_size
         q, k, v = (lin(x).view(B, T, heads, d).transpose(1, 2) for lin in (attn.query, attn.key, attn.value))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-        if self.config.hard_gates:  # presence is 0 or 1: the usual additive mask (2 ops where the soft form
-            absent = (1.0 - presence[:, None, None, :]) * torch.finfo(scores.dtype).min  # takes 13)
+        if self.config.hard_gates:
+            # presence is 0 or 1 here: the usual additive mask (2 ONNX ops where the soft form takes 13)
+            absent = (1.0 - presence[:, None, None, :]) * torch.finfo(scores.dtype).min
             probs = (scores + absent).softmax(dim=-1)
         else:  # softmax with each key weighted by its presence: 0 removes it exactly, 1 leaves it unchanged.
             top = scores.masked_fill(presence[:, None, None, :] <= 0, float("-inf")).amax(-1, keepdim=True)
